@@ -1,0 +1,31 @@
+"""Packaging for sparse-mim: the library (`sparse_mim`), the backbones (`backbones`) and the CLI."""
+from setuptools import find_packages, setup
+
+setup(
+    name="sparse-mim",
+    version="0.1.0",
+    description="SparK-style masked image modeling for CNNs with a genuinely sparse encoder",
+    python_requires=">=3.10",
+    packages=find_packages(include=["sparse_mim", "sparse_mim.*", "backbones", "backbones.*"]),
+    package_data={"sparse_mim": ["configs/*.yaml", "configs/**/*.yaml"]},
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "timm>=1.0",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "tqdm",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "matplotlib",
+        "tensorboard",
+        "scikit-image",
+    ],
+    extras_require={
+        "dev": ["pytest>=7", "pytest-timeout"],
+        "minkowski": ["MinkowskiEngine"],
+        "detectron2": [],
+    },
+    entry_points={"console_scripts": ["sparse-mim=sparse_mim.cli:main"]},
+)

@@ -1,0 +1,102 @@
+"""The ``sparse-mim`` command (also ``python -m sparse_mim``).
+
+    sparse-mim pretrain [key=value ...]     SparK pretraining (configs/pretrain.yaml; torchrun for several GPUs)
+    sparse-mim convert CHECKPOINT --to ...  export the pretrained encoder for timm/torchvision/Detectron2
+    sparse-mim bench [key=value ...]        sparse vs masked-dense encoder speed
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+USAGE = """usage: sparse-mim <command> [arguments]
+
+commands:
+  pretrain [key=value ...]   SparK pretraining with a sparse CNN encoder. Settings and their defaults:
+                             configs/pretrain.yaml (`sparse-mim pretrain --help` prints them).
+                             Rerunning with the same output_dir resumes. Several processes/GPUs:
+                             torchrun --nproc_per_node N -m sparse_mim pretrain ...
+  convert CHECKPOINT ...     export a pretrained encoder (timm, torchvision or Detectron2 names);
+                             `sparse-mim convert --help` for the options
+  bench [key=value ...]      benchmark the sparse encoder against SparK's masked-dense reference
+
+examples:
+  sparse-mim pretrain                                   # minutes on a CPU, built-in demo images
+  sparse-mim pretrain data.path=/data/photos data.img_size=128 train.epochs=50
+  sparse-mim pretrain preset=imagenet data.path=/data/imagenet model=resnet50
+  sparse-mim convert outputs/pretrain/resnet18/checkpoint.pth --to timm --arch resnet18 --out r18.safetensors
+"""
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _error(command: str, message: object, code: int) -> int:
+    if _is_main_process():
+        print(f"sparse-mim {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def pretrain(argv: Sequence[str]) -> int:
+    from sparse_mim.data import DataError
+    from sparse_mim.train import ConfigError, NonFiniteLossError, compose_config, pretrain as run_pretrain
+
+    if any(a in ("-h", "--help") for a in argv):
+        from omegaconf import OmegaConf
+
+        print("usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; preset=imagenet for SparK's "
+              "ImageNet recipe)\n\ndefaults (configs/pretrain.yaml):\n")
+        print(OmegaConf.to_yaml(compose_config([a for a in argv if a not in ("-h", "--help")])))
+        return 0
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        return _error("pretrain", f"unknown option(s) {' '.join(options)}; settings are given as key=value "
+                      f"(see sparse-mim pretrain --help)", 2)
+    try:
+        result = run_pretrain(compose_config(argv))
+    except (ConfigError, DataError) as e:
+        return _error("pretrain", e, 2)
+    except NonFiniteLossError as e:
+        return _error("pretrain", e, 1)
+    if result.stopped_by is not None:
+        return 128 + result.stopped_by
+    return 0
+
+
+def convert(argv: Sequence[str]) -> int:
+    from sparse_mim.convert.cli import main as convert_main
+
+    return convert_main(list(argv))
+
+
+def bench(argv: Sequence[str]) -> int:
+    try:
+        from sparse_mim.bench import main as bench_main
+    except ModuleNotFoundError as e:
+        if e.name not in ("sparse_mim.bench",):
+            raise
+        return _error("bench", "the benchmark (sparse_mim.bench) is not part of this installation", 2)
+    code = bench_main(list(argv))
+    return int(code or 0)
+
+
+COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"pretrain": pretrain, "convert": convert, "bench": bench}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``sparse-mim`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        return _error(command, f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
+    return COMMANDS[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2 --arch NAME --out FILE`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .archs import ARCHS, get_arch
+from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
+from .errors import ConversionError
+from .sources import load_encoder_state_dict
+from .timm_names import timm_classifier_keys, to_timm
+from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
+from .writers import STATE_DICT_SUFFIXES, save_state_dict
+
+_SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",)}
+_ARCHS = {"timm": tuple(ARCHS), "torchvision": TORCHVISION_ARCHS, "detectron2": DETECTRON2_ARCHS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-mim convert",
+        description="Export the pretrained encoder of a sparse-mim checkpoint for fine-tuning.",
+    )
+    parser.add_argument("checkpoint", help="pretraining checkpoint or encoder state_dict "
+                        "(.pth, .pt or .safetensors)")
+    parser.add_argument("--to", required=True, choices=tuple(_SUFFIXES), help="target naming")
+    parser.add_argument("--arch", required=True, choices=tuple(ARCHS), metavar="NAME",
+                        help=f"timm name of the backbone: {', '.join(ARCHS)}")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="output file: .pth/.pt/.safetensors (timm, torchvision) or .pkl "
+                        "(detectron2)")
+    return parser
+
+
+def _convert(args: argparse.Namespace) -> None:
+    # refuse what cannot work before reading a possibly large checkpoint
+    get_arch(args.arch, target=args.to, supported=_ARCHS[args.to])
+    suffixes = _SUFFIXES[args.to]
+    if args.out.suffix not in suffixes:
+        raise ConversionError(
+            f"--to {args.to} writes {' or '.join(suffixes)} files, got --out {args.out}"
+        )
+    state_dict, dropped = load_encoder_state_dict(args.checkpoint, args.arch)
+
+    if args.to == "detectron2":
+        written = to_detectron2(state_dict, args.arch, args.out)["model"]
+        left_to_target = []
+    else:
+        convert = to_timm if args.to == "timm" else to_torchvision
+        written = convert(state_dict, args.arch)
+        save_state_dict(written, args.out, metadata={"arch": args.arch, "key_names": args.to})
+        classifier_keys = timm_classifier_keys if args.to == "timm" else torchvision_classifier_keys
+        left_to_target = classifier_keys(args.arch)
+
+    print(f"wrote {len(written)} tensors ({args.to} names, {args.arch}) to {args.out}")
+    if dropped:
+        groups = (f"{group} ({n} tensor{'' if n == 1 else 's'})" for group, n in dropped.items())
+        print("dropped: " + ", ".join(groups))
+    if left_to_target:
+        print(f"not included, the target model initialises them: {', '.join(left_to_target)}")
+    if args.to == "detectron2":
+        print("matching Detectron2 config:")
+        for key, value in detectron2_config_hints(args.arch).items():
+            print(f"  {key}: {value}")
+        print(f"  MODEL.WEIGHTS: {args.out}")
+        for note in detectron2_notes(args.arch):
+            print(f"note: {note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the converter; returns the exit code (0 ok, 2 for any error, reported on stderr)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed usage and the error (or --help)
+        return int(e.code or 0)
+    try:
+        _convert(args)
+    except (ConversionError, OSError) as e:
+        print(f"sparse-mim convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

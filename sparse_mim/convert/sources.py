@@ -1,0 +1,182 @@
+"""Read the encoder's weights out of whatever the user hands the converter.
+
+Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or an in-memory dict):
+- a full pretraining checkpoint: `{"format": "sparse-mim/pretrain-v1", "model": {"encoder.<timm key>":
+  ..., "densify...": ..., "decoder...": ..., "mask_tokens...": ...}, "optimizer": ..., "epoch": ...,
+  "step": ..., "config": ..., "arch": ...}`: the `encoder.*` weights are kept, the rest is dropped;
+- an encoder-only state_dict with timm keys, bare or wrapped as `{"model": ...}` / `{"state_dict": ...}`;
+- any of the above with DDP (`module.`) or torch.compile (`_orig_mod.`) prefixes.
+Classifier keys (`fc.*`, `head.*`) are never part of an encoder and are dropped as well.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .archs import CLASSIFIER_PREFIXES, check_arch
+from .errors import ConversionError
+
+PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
+ENCODER_PREFIX = "encoder."
+# Top-level entries that describe a checkpoint rather than hold weights: never reported as dropped.
+_METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config"})
+_WRAPPER_KEYS = ("model", "state_dict")
+_PARALLEL_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass(frozen=True)
+class EncoderCheckpoint:
+    state_dict: dict[str, torch.Tensor]
+    dropped: dict[str, int]  # group name -> number of tensors left out
+    arch: str | None  # the arch recorded in the checkpoint, if any
+
+
+def load_encoder_state_dict(
+    src: str | os.PathLike | Mapping, arch: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Return `(encoder state_dict with timm keys, {dropped group: tensor count})`.
+
+    With `arch`, a checkpoint that records a different arch is refused."""
+    ckpt = read_encoder_checkpoint(src)
+    if arch is not None:
+        check_arch(ckpt.arch, arch)
+    return ckpt.state_dict, ckpt.dropped
+
+
+def read_encoder_checkpoint(src: str | os.PathLike | Mapping) -> EncoderCheckpoint:
+    if isinstance(src, Mapping):
+        raw, file_arch = src, None
+    elif isinstance(src, (str, os.PathLike)):
+        raw, file_arch = _read_file(Path(src))
+    else:
+        raise TypeError(f"expected a checkpoint path or a dict, got {type(src).__name__}")
+    if not isinstance(raw, Mapping):
+        raise ConversionError(f"expected the checkpoint to hold a dict, found {type(raw).__name__}")
+
+    weights, dropped = _unwrap(raw)
+    weights = _strip_parallel_prefixes(weights)
+    encoder = _select_encoder(weights, dropped, is_pretraining=raw.get("format") == PRETRAIN_FORMAT)
+
+    classifier = [k for k in encoder if k.startswith(CLASSIFIER_PREFIXES)]
+    if classifier:
+        dropped["classifier"] += len(classifier)
+        for k in classifier:
+            del encoder[k]
+
+    arch = raw.get("arch") if isinstance(raw.get("arch"), str) else file_arch
+    return EncoderCheckpoint(encoder, dict(dropped), arch)
+
+
+def _read_file(path: Path) -> tuple[object, str | None]:
+    if not path.is_file():
+        raise ConversionError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata.get("arch")
+        return _torch_load(path), None
+    except Exception as e:  # a corrupt or foreign file: say which, without a traceback
+        raise ConversionError(f"could not read checkpoint {path}: {e}") from e
+
+
+def _torch_load(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # A checkpoint whose config holds arbitrary Python objects needs the full unpickler, which
+        # can run code from the file. Fall back only for a readable checkpoint that names such
+        # objects (a corrupt file fails here and is reported as unreadable).
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if not unsafe:
+            raise
+        warnings.warn(
+            f"{path} holds Python objects beyond tensors and plain containers "
+            f"({', '.join(unsafe[:5])}); loading it with weights_only=False "
+            "(only do this for checkpoints you trust)",
+            stacklevel=4,
+        )
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _count_tensors(obj: object) -> int:
+    if isinstance(obj, torch.Tensor):
+        return 1
+    if isinstance(obj, Mapping):
+        return sum(_count_tensors(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_count_tensors(v) for v in obj)
+    return 0
+
+
+def _unwrap(raw: Mapping) -> tuple[Mapping, Counter]:
+    """Find the dict of weights; everything else that is not metadata is reported as dropped."""
+    fmt = raw.get("format")
+    if fmt is not None and fmt != PRETRAIN_FORMAT:
+        raise ConversionError(
+            f"unknown checkpoint format {fmt!r}; this version reads {PRETRAIN_FORMAT!r} "
+            "and plain state_dicts"
+        )
+    dropped: Counter = Counter()
+    for key in _WRAPPER_KEYS:
+        inner = raw.get(key)
+        if isinstance(inner, Mapping):
+            for other, value in raw.items():
+                if other != key and other not in _METADATA_KEYS:
+                    dropped[other] += _count_tensors(value)
+            return inner, dropped
+    if fmt == PRETRAIN_FORMAT:
+        raise ConversionError(f"checkpoint says {PRETRAIN_FORMAT!r} but has no 'model' dict")
+    return raw, dropped
+
+
+def _strip_parallel_prefixes(weights: Mapping) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    not_tensors = []
+    for key, value in weights.items():
+        if not isinstance(value, torch.Tensor):
+            not_tensors.append(f"{key} ({type(value).__name__})")
+            continue
+        name = key
+        while name.startswith(_PARALLEL_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise ConversionError(f"{key!r} and another key both become {name!r} without the "
+                                  "DDP/compile prefix; the checkpoint mixes wrapped and bare names")
+        out[name] = value
+    if not_tensors:
+        shown = ", ".join(not_tensors[:20])
+        raise ConversionError(
+            f"expected a state_dict of tensors, found {len(not_tensors)} other values: {shown}"
+        )
+    return out
+
+
+def _select_encoder(
+    weights: dict[str, torch.Tensor], dropped: Counter, *, is_pretraining: bool
+) -> dict[str, torch.Tensor]:
+    """Keep `encoder.*` (prefix removed) when present, reporting the other groups as dropped."""
+    if not any(k.startswith(ENCODER_PREFIX) for k in weights):
+        if is_pretraining:
+            raise ConversionError(
+                f"pretraining checkpoint has no '{ENCODER_PREFIX}*' weights in 'model'; "
+                f"found groups: {', '.join(sorted({k.split('.', 1)[0] for k in weights}))}"
+            )
+        return dict(weights)
+    encoder = {}
+    for key, value in weights.items():
+        if key.startswith(ENCODER_PREFIX):
+            encoder[key.removeprefix(ENCODER_PREFIX)] = value
+        else:
+            dropped[key.split(".", 1)[0]] += 1
+    return encoder

@@ -1,0 +1,118 @@
+"""Pretraining images from a folder: ImageNet-style ``train/<class>/*`` or any folder tree of images.
+
+Labels are not needed for pretraining, so the layout only decides where to look: ``<path>/train``
+when it exists, otherwise ``<path>`` itself, searched recursively. Every file whose extension is one
+of ``IMAGE_EXTENSIONS`` (any case) is an image.
+
+Unreadable files are not fatal: the item falls back to the next readable image and reports how many
+files it skipped, so the trainer can print one count per epoch instead of a line per file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "build_dataset", "find_images",
+           "sample_seed"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+#: How many consecutive unreadable files one item may skip before the dataset gives up.
+MAX_CONSECUTIVE_UNREADABLE = 50
+
+
+class DataError(ValueError):
+    """The data cannot be used for training (missing, empty or unreadable)."""
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of the augmentation of image ``index`` in ``epoch``: a well-mixed 32-bit hash."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+def find_images(path: str | os.PathLike) -> Tuple[Path, List[Path]]:
+    """``(root, sorted image paths)`` under ``path`` (or ``path/train`` if present), recursively."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise DataError(f"data.path {str(root)!r} does not exist; pass data.path=<folder of images> "
+                        f"(or data.path=null for the built-in demo images)")
+    if not root.is_dir():
+        raise DataError(f"data.path {str(root)!r} is not a folder; pass a folder of images, "
+                        f"e.g. an ImageNet root holding train/<class>/*.JPEG")
+    if (root / "train").is_dir():
+        root = root / "train"
+    files = []
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        subfolders.sort()
+        files.extend(Path(folder) / n for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"no images found in {str(root)!r} or its subfolders (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)} in any case)")
+    return root, files
+
+
+class AugmentedImages(Dataset):
+    """Base class: item ``i`` is ``(transform(image i), number of unreadable images skipped)``.
+
+    The transform's randomness is seeded by ``(seed, epoch, i)``; call ``set_epoch`` before each
+    epoch. Subclasses implement ``__len__``, ``load(i) -> PIL.Image`` and ``describe()``.
+    """
+
+    def __init__(self, transform: Callable, seed: int = 0):
+        self.transform = transform
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+        n = len(self)
+        for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
+            try:
+                image = self.load((index + skipped) % n)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue  # unreadable: truncated, not an image, or refused by Pillow
+            return self.transform(image, generator), skipped
+        raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
+                        f"could not be read ({self.describe()}); check the files")
+
+
+class ImageFolder(AugmentedImages):
+    """All images under a folder (see the module docstring for the accepted layouts)."""
+
+    def __init__(self, path: str | os.PathLike, transform: Callable, seed: int = 0):
+        super().__init__(transform, seed)
+        self.root, self.files = find_images(path)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.files[index]) as image:
+            return image.convert("RGB")
+
+    def describe(self) -> str:
+        return f"{len(self.files)} images under {self.root}"
+
+
+def build_dataset(path: Optional[str], transform: Callable, seed: int = 0) -> AugmentedImages:
+    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None."""
+    if path is None:
+        from .demo import DemoImages
+
+        return DemoImages(transform, seed)
+    return ImageFolder(path, transform, seed)
+

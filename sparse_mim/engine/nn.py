@@ -1,0 +1,206 @@
+"""Sparse modules that mirror ``torch.nn`` one to one.
+
+Each module subclasses its dense twin, so parameter names, shapes and initialisation are identical
+and a sparse model's ``state_dict`` loads into the dense model unchanged. ``forward`` accepts a
+``SparseTensor`` (real sparse execution), a ``MaskedDenseTensor`` (SparK's masked-dense reference) or
+a plain dense tensor (the dense twin's behaviour).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .ops.norm import sync_batch_norm_dense
+from .ops.window import WindowGeometry
+from .tensor import SiteTensor
+
+__all__ = ["SparseConv2d", "SparseLinear", "SparseBatchNorm2d", "SparseSyncBatchNorm", "SparseLayerNorm",
+           "SparseMaxPool2d", "SparseAvgPool2d", "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
+           "SparseActivation", "SparseReLU", "SparseReLU6", "SparseGELU", "convert_sync_batchnorm"]
+
+
+class SparseConv2d(nn.Conv2d):
+    """``nn.Conv2d`` on active sites: submanifold at stride 1, coarser mask as output when strided."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != "zeros":
+            raise ValueError("sparse convolution supports padding_mode='zeros' only")
+        self.geometry = WindowGeometry.make(self.kernel_size, self.stride, self.padding, self.dilation)
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.conv2d(x, self.weight, self.bias, self.geometry, self.groups)
+        return super().forward(x)
+
+
+class SparseLinear(nn.Linear):
+    """Per-site ``nn.Linear`` (channels-last MLPs)."""
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.linear(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+class SparseBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with statistics over active sites only (BatchNorm1d over the N_active x C rows)."""
+
+    sync = False
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.batch_norm(x, self, sync=self.sync)
+        if self.sync:
+            return sync_batch_norm_dense(x, self)
+        return super().forward(x)
+
+
+class SparseSyncBatchNorm(SparseBatchNorm2d):
+    """SparseBatchNorm2d whose statistics are summed over all ranks (CPU/gloo and CUDA/NCCL)."""
+
+    sync = True
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+
+class SparseLayerNorm(nn.LayerNorm):
+    """LayerNorm over channels at active sites. ``channels_first`` only records the dense layout."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-6, channels_first: bool = False, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.channels_first = channels_first
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.layer_norm(x, self)
+        if self.channels_first:
+            return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                                self.eps).permute(0, 3, 1, 2)
+        return super().forward(x)
+
+
+class SparseMaxPool2d(nn.MaxPool2d):
+    """Max over the *active* sites of each window (see ``ops.pool`` for the semantics)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
+        super().__init__(kernel_size, stride, padding, dilation)
+        self.geometry = WindowGeometry.make(kernel_size, self.stride, padding, dilation)
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.max_pool2d(x, self.geometry)
+        return super().forward(x)
+
+
+class SparseAvgPool2d(nn.AvgPool2d):
+    """Mean over the *active* sites of each window (padding and masked sites excluded)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0):
+        super().__init__(kernel_size, stride, padding, count_include_pad=False)
+        self.geometry = WindowGeometry.make(kernel_size, self.stride, padding)
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.avg_pool2d(x, self.geometry)
+        return super().forward(x)
+
+
+class SparseGRN(nn.Module):
+    """ConvNeXt V2 Global Response Normalisation, per sample over its active sites (timm names)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.grn(x, self.weight, self.bias, self.eps)
+        g = x.norm(p=2, dim=(1, 2), keepdim=True)  # dense channels-last, as timm
+        n = g / (g.mean(dim=-1, keepdim=True) + self.eps)
+        return x + torch.addcmul(self.bias, self.weight, x * n)
+
+
+class SparseGlobalAvgPool(nn.Module):
+    """(B, C) mean over each sample's active sites."""
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.global_avg_pool(x)
+        return x.mean((2, 3))
+
+
+class SparseDropPath(nn.Module):
+    """Per-sample stochastic depth on a residual branch."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return ops.drop_path(x, self.drop_prob, self.training)
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        return x * x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep) / keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class SparseActivation(nn.Module):
+    """A zero-preserving elementwise activation (f(0) = 0) applied to active rows."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            return x.apply(self.fn)
+        return self.fn(x)
+
+
+class SparseReLU(SparseActivation):
+    def __init__(self, inplace: bool = False):
+        super().__init__(F.relu)
+
+
+class SparseReLU6(SparseActivation):
+    def __init__(self, inplace: bool = False):
+        super().__init__(F.relu6)
+
+
+class SparseGELU(SparseActivation):
+    def __init__(self):
+        super().__init__(F.gelu)
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """Swap every BatchNorm for a synced one: sparse ones stay sparse; dense ones become
+    ``nn.SyncBatchNorm`` on CUDA and ``SparseSyncBatchNorm`` (dense input, gloo) elsewhere."""
+    out = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SparseSyncBatchNorm) \
+            and not isinstance(module, nn.SyncBatchNorm):
+        on_cuda = module.weight is not None and module.weight.is_cuda
+        if isinstance(module, SparseBatchNorm2d) or not on_cuda:
+            out = SparseSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                      module.track_running_stats, process_group=process_group)
+        else:
+            out = nn.SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, process_group)
+        out.load_state_dict(module.state_dict())
+        out.train(module.training)
+        out = out.to(module.weight.device if module.weight is not None else "cpu")
+    for name, child in module.named_children():
+        out.add_module(name, convert_sync_batchnorm(child, process_group))
+    return out

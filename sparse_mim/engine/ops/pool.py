@@ -1,0 +1,77 @@
+"""Max and average pooling over active neighbours.
+
+Sparse semantics (documented choice, the MinkowskiEngine one):
+* max pooling takes the max over the *active* sites of the window (a window must contain at least
+  one active site; with patch masks every window that covers its own output cell does). SparK's dense reference takes
+  masked zeros into the max; both agree after a ReLU (true for the ResNet stem), not in general.
+* average pooling divides by the number of *active* sites of the window (padding and masked sites
+  excluded). For windows that lie inside one patch (ResNet-D's 2x2/2 ``avg_down``) this equals the
+  dense average.
+The masked-dense reference below implements exactly these semantics with -inf fills and mask counts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..coords import SparseInputError
+from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, gather_tiles,
+                     tile_rows)
+
+__all__ = ["max_pool2d", "avg_pool2d"]
+
+
+def _padded(dense: torch.Tensor, geom: WindowGeometry, value: float) -> torch.Tensor:
+    return F.pad(dense, (geom.pad_lo[1], geom.pad_hi[1], geom.pad_lo[0], geom.pad_hi[0]), value=value)
+
+
+def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
+    geom.check_grid(x.spatial_shape)
+    out_stride = x.stride * geom.stride
+    if isinstance(x, MaskedDenseTensor):
+        active = x.active_mask()[:, None]
+        filled = x.dense_features.masked_fill(~active, float("-inf"))
+        out = F.max_pool2d(_padded(filled, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
+        out_active = x.manager.active_mask(out_stride)[:, None]
+        return MaskedDenseTensor(torch.where(out_active, out, torch.zeros_like(out)), x.manager, out_stride)
+    path = choose_path(x, geom)
+    if path == "tiles":
+        tiles = gather_tiles(x, geom, fill=float("-inf"))
+        out = F.max_pool2d(tiles, geom.kernel, geom.stride, 0, geom.dilation)
+        rows = tile_rows(out, x.manager.tile_side(out_stride))
+    elif path == "canvas":
+        dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
+        out = F.max_pool2d(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
+        rows = canvas_rows(out, x, out_stride)
+    else:
+        rows = gather_neighbors(x, geom, fill=float("-inf")).amax(1)
+    return SparseTensor(rows, manager=x.manager, stride=out_stride)
+
+
+def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
+    geom.check_grid(x.spatial_shape)
+    out_stride = x.stride * geom.stride
+    if isinstance(x, MaskedDenseTensor):
+        mask = x.mask()
+        pool = lambda t: F.avg_pool2d(_padded(t, geom, 0.0), geom.kernel, geom.stride, 0)
+        if geom.dilation != (1, 1):
+            raise SparseInputError("avg_pool2d has no dilation")
+        out = pool(x.dense_features) / pool(mask).clamp(min=1e-12)
+        return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
+    path = choose_path(x, geom)
+    ones = x.replace(torch.ones_like(x.features[:, :1]))
+    if path in ("tiles", "canvas"):
+        if path == "tiles":
+            tiles, counts = gather_tiles(x, geom), gather_tiles(ones, geom)
+        else:
+            tiles, counts = _padded(x.dense(), geom, 0.0), _padded(ones.dense(), geom, 0.0)
+        s = F.avg_pool2d(tiles, geom.kernel, geom.stride, 0)
+        c = F.avg_pool2d(counts, geom.kernel, geom.stride, 0)
+        out = s / c
+        rows = tile_rows(out, x.manager.tile_side(out_stride)) if path == "tiles" else canvas_rows(out, x, out_stride)
+    else:
+        neigh = gather_neighbors(x, geom)
+        cnt = gather_neighbors(ones, geom).sum(1)
+        rows = neigh.sum(1) / cnt
+    return SparseTensor(rows, manager=x.manager, stride=out_stride)

@@ -1,0 +1,61 @@
+"""Per-sample ops: each sample's statistics come from its own active sites only.
+
+Global average pooling, ConvNeXt V2's Global Response Normalisation (GRN) and DropPath. GRN's global
+norm is per sample over that sample's active sites (not over the whole batch, a known bug of ConvNeXt
+V2's MinkowskiEngine port).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+
+__all__ = ["global_avg_pool", "per_sample_sum", "grn", "drop_path"]
+
+
+def per_sample_sum(x: SparseTensor, values: torch.Tensor) -> torch.Tensor:
+    """(B, C) sums of ``values`` (N, C) over each sample's rows."""
+    out = values.new_zeros(x.batch_size, values.shape[1])
+    return out.index_add(0, x.manager.batch_index(x.stride), values)
+
+
+def global_avg_pool(x: SiteTensor) -> torch.Tensor:
+    """(B, C) mean over each sample's active sites."""
+    if isinstance(x, MaskedDenseTensor):
+        mask = x.mask()
+        return x.dense_features.sum((2, 3)) / mask.sum((2, 3))
+    counts = per_sample_sum(x, torch.ones_like(x.features[:, :1]))
+    return per_sample_sum(x, x.features) / counts
+
+
+def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> SiteTensor:
+    """x + weight * (x * N(x)) + bias with N = L2 over the sample's active sites / its channel mean."""
+    if isinstance(x, MaskedDenseTensor):
+        d = x.dense_features
+        g = torch.linalg.vector_norm(d, 2, dim=(2, 3), keepdim=True)
+        n = g / (g.mean(1, keepdim=True) + eps)
+        out = d + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), d * n)
+        return x.masked(out)
+    f = x.features
+    g = _safe_sqrt(per_sample_sum(x, f * f))
+    n = (g / (g.mean(1, keepdim=True) + eps)).index_select(0, x.manager.batch_index(x.stride))
+    return x.replace(f + torch.addcmul(bias, weight, f * n))
+
+
+def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 at 0 (the subgradient torch.norm uses), so all-zero channels give no NaN."""
+    positive = s > 0
+    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+
+
+def drop_path(x: SiteTensor, p: float, training: bool) -> SiteTensor:
+    """Stochastic depth: drop each sample's whole residual branch with probability ``p``."""
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    dtype = x.features.dtype if isinstance(x, SparseTensor) else x.dense_features.dtype
+    device = x.manager.device
+    scale = torch.empty(x.batch_size, dtype=dtype, device=device).bernoulli_(keep) / keep
+    if isinstance(x, MaskedDenseTensor):
+        return x.replace(x.dense_features * scale.view(-1, 1, 1, 1))
+    return x.replace(x.features * scale.index_select(0, x.manager.batch_index(x.stride))[:, None])

@@ -1,0 +1,217 @@
+"""The two feature containers the engine runs on.
+
+``SparseTensor`` holds one feature row per active site (the real, sparse execution).
+``MaskedDenseTensor`` holds a dense map whose inactive sites are zero (SparK's simulation); it is the
+reference every sparse op is tested against and the masked-dense baseline of the benchmarks.
+Both share a ``CoordinateManager``, so the reference and the sparse run see the same active sets.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .coords import CoordinateManager, PatchCoordinateManager, SiteCoordinateManager, SparseInputError
+
+__all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor"]
+
+
+class SiteTensor:
+    """Behaviour shared by both containers: stride, manager, elementwise ops."""
+
+    manager: CoordinateManager
+    stride: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.manager.batch_size
+
+    @property
+    def spatial_shape(self) -> Tuple[int, int]:
+        return self.manager.spatial_shape(self.stride)
+
+    def active_mask(self) -> torch.Tensor:
+        return self.manager.active_mask(self.stride)
+
+    def _check_same_sites(self, other: "SiteTensor") -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot combine {type(self).__name__} with {type(other).__name__}")
+        if other.manager is not self.manager or other.stride != self.stride:
+            raise SparseInputError("tensors live on different active sets (different coordinate "
+                                   f"manager or stride {self.stride} vs {other.stride})")
+
+
+class SparseTensor(SiteTensor):
+    """Features of active sites: ``features`` (N, C), one row per coordinate ``[batch, y, x]``.
+
+    Coordinates are on the grid of the tensor's own ``stride`` (MinkowskiEngine counts them on the
+    input grid instead; ours are divided by the stride). The full spatial shape and batch size are
+    part of the tensor, so ``dense()`` never guesses extents.
+    """
+
+    def __init__(self, features: torch.Tensor, coordinates: Optional[torch.Tensor] = None, *,
+                 stride: int = 1, spatial_shape: Optional[Tuple[int, int]] = None,
+                 batch_size: Optional[int] = None, manager: Optional[CoordinateManager] = None):
+        if features.dim() != 2:
+            raise SparseInputError(f"features must be (N, C), got shape {tuple(features.shape)}")
+        if manager is None:
+            if coordinates is None or spatial_shape is None or batch_size is None:
+                raise SparseInputError("a SparseTensor without a manager needs coordinates, "
+                                       "spatial_shape and batch_size")
+            manager = SiteCoordinateManager(coordinates.to(features.device), spatial_shape, batch_size, stride)
+        elif coordinates is not None:
+            raise SparseInputError("pass either coordinates or a manager, not both")
+        n = manager.num_rows(stride)
+        if features.shape[0] != n:
+            raise SparseInputError(f"{features.shape[0]} feature rows for {n} active sites at stride {stride}")
+        self.features = features
+        self.manager = manager
+        self.stride = int(stride)
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, x: torch.Tensor, active: torch.Tensor, stride: int = 1) -> "SparseTensor":
+        """Rows of ``x`` (B, C, H, W) at the sites where ``active`` (B, H, W) is True."""
+        if x.dim() != 4 or active.shape != (x.shape[0],) + tuple(x.shape[2:]):
+            raise SparseInputError(f"from_dense expects x (B, C, H, W) and active (B, H, W); got "
+                                   f"{tuple(x.shape)} and {tuple(active.shape)}")
+        manager = SiteCoordinateManager.from_mask(active, stride)
+        return cls(cls._gather_sites(x, manager, stride), manager=manager, stride=stride)
+
+    @classmethod
+    def from_patch_mask(cls, images: torch.Tensor, patch_mask: torch.Tensor,
+                        patch_size: int = 32) -> "SparseTensor":
+        """Visible patches of ``images`` (B, C, H, W), rows tile-major (the fast layout)."""
+        check_image_size(images, patch_size)
+        expected = (images.shape[0], images.shape[2] // patch_size, images.shape[3] // patch_size)
+        if tuple(patch_mask.shape) != expected:
+            raise SparseInputError(f"patch mask shape {tuple(patch_mask.shape)} does not match images "
+                                   f"{tuple(images.shape)} with patch size {patch_size}: expected {expected}")
+        manager = PatchCoordinateManager(patch_mask, patch_size)
+        return cls(manager.rows_from_image(images), manager=manager, stride=1)
+
+    @staticmethod
+    def _gather_sites(x: torch.Tensor, manager: CoordinateManager, stride: int) -> torch.Tensor:
+        c = x.shape[1]
+        return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, manager.flat_site_index(stride))
+
+    def replace(self, features: torch.Tensor) -> "SparseTensor":
+        """Same sites, new features (no checks: for ops that keep the row set)."""
+        out = SparseTensor.__new__(SparseTensor)
+        out.features, out.manager, out.stride = features, self.manager, self.stride
+        return out
+
+    # -- views ---------------------------------------------------------------------------------------
+    @property
+    def coordinates(self) -> torch.Tensor:
+        return self.manager.coordinates(self.stride)
+
+    @property
+    def num_channels(self) -> int:
+        return self.features.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        """(B, C, H_s, W_s) with zeros at inactive sites (channels_last memory)."""
+        h, w = self.spatial_shape
+        c = self.features.shape[1]
+        flat = self.features.new_zeros(self.batch_size * h * w, c)
+        flat = flat.index_copy(0, self.manager.flat_site_index(self.stride), self.features)
+        return flat.view(self.batch_size, h, w, c).permute(0, 3, 1, 2)
+
+    def tiles(self) -> torch.Tensor:
+        """(n_tiles, t, t, C) zero-copy view of tile-major rows (patch managers only)."""
+        if not self.manager.tiled:
+            raise SparseInputError("tiles() needs a tensor built from a patch mask")
+        t = self.manager.tile_side(self.stride)
+        return self.features.view(-1, t, t, self.features.shape[1])
+
+    # -- elementwise -------------------------------------------------------------------------------
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "SparseTensor":
+        return self.replace(fn(self.features))
+
+    def __add__(self, other: "SparseTensor") -> "SparseTensor":
+        self._check_same_sites(other)
+        return self.replace(self.features + other.features)
+
+    def scale_channels(self, gamma: torch.Tensor) -> "SparseTensor":
+        return self.replace(self.features * gamma)
+
+    def __repr__(self) -> str:
+        return (f"SparseTensor(rows={self.features.shape[0]}, channels={self.features.shape[1]}, "
+                f"stride={self.stride}, spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
+                f"dtype={self.features.dtype}, device={self.features.device})")
+
+
+class MaskedDenseTensor(SiteTensor):
+    """Dense (B, C, H, W) features that are zero at inactive sites: SparK's masked-dense simulation."""
+
+    def __init__(self, dense: torch.Tensor, manager: CoordinateManager, stride: int = 1):
+        if dense.dim() != 4 or dense.shape[0] != manager.batch_size or \
+                tuple(dense.shape[2:]) != manager.spatial_shape(stride):
+            raise SparseInputError(f"dense map {tuple(dense.shape)} does not match batch "
+                                   f"{manager.batch_size} and grid {manager.spatial_shape(stride)}")
+        self.dense_features = dense
+        self.manager = manager
+        self.stride = int(stride)
+
+    @classmethod
+    def from_patch_mask(cls, images: torch.Tensor, patch_mask: torch.Tensor,
+                        patch_size: int = 32) -> "MaskedDenseTensor":
+        check_image_size(images, patch_size)
+        manager = PatchCoordinateManager(patch_mask, patch_size)
+        return cls(images * manager.mask(1, images.dtype), manager, 1)
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor, active: torch.Tensor, stride: int = 1) -> "MaskedDenseTensor":
+        manager = SiteCoordinateManager.from_mask(active, stride)
+        return cls(x * manager.mask(stride, x.dtype), manager, stride)
+
+    def mask(self) -> torch.Tensor:
+        return self.manager.mask(self.stride, self.dense_features.dtype)
+
+    def replace(self, dense: torch.Tensor) -> "MaskedDenseTensor":
+        out = MaskedDenseTensor.__new__(MaskedDenseTensor)
+        out.dense_features, out.manager, out.stride = dense, self.manager, self.stride
+        return out
+
+    def masked(self, dense: torch.Tensor) -> "MaskedDenseTensor":
+        """Wrap ``dense`` after zeroing its inactive sites."""
+        return self.replace(dense * self.mask())
+
+    @property
+    def num_channels(self) -> int:
+        return self.dense_features.shape[1]
+
+    def dense(self) -> torch.Tensor:
+        return self.dense_features
+
+    def to_sparse(self) -> SparseTensor:
+        """Rows of the active sites, in the manager's row order (for comparing with a sparse run)."""
+        return SparseTensor(SparseTensor._gather_sites(self.dense_features, self.manager, self.stride),
+                            manager=self.manager, stride=self.stride)
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "MaskedDenseTensor":
+        out = fn(self.dense_features)
+        return self.replace(out) if zero_preserving else self.masked(out)
+
+    def __add__(self, other: "MaskedDenseTensor") -> "MaskedDenseTensor":
+        self._check_same_sites(other)
+        return self.replace(self.dense_features + other.dense_features)
+
+    def scale_channels(self, gamma: torch.Tensor) -> "MaskedDenseTensor":
+        return self.replace(self.dense_features * gamma.view(1, -1, 1, 1))
+
+    def __repr__(self) -> str:
+        return (f"MaskedDenseTensor(shape={tuple(self.dense_features.shape)}, stride={self.stride}, "
+                f"dtype={self.dense_features.dtype})")
+
+
+def check_image_size(images: torch.Tensor, patch_size: int) -> None:
+    """Raise a clear error unless ``images`` is (B, C, H, W) with H, W multiples of the patch size."""
+    if images.dim() != 4:
+        raise SparseInputError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
+    h, w = images.shape[-2:]
+    if h % patch_size or w % patch_size or h == 0 or w == 0:
+        raise SparseInputError(f"image size {h}x{w} is not a multiple of the patch size {patch_size}; "
+                               f"resize or crop to e.g. {max(1, round(h / patch_size)) * patch_size}x"
+                               f"{max(1, round(w / patch_size)) * patch_size}")

@@ -1,0 +1,125 @@
+"""The pretraining config: composed by Hydra from ``configs/`` and checked before anything runs.
+
+``configs/`` sits at the repository root, beside the ``sparse_mim`` package, and is found from this
+file's location, so ``sparse-mim pretrain key=value`` works from any folder and under torchrun.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """The config cannot work; raised before any training starts."""
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain") -> DictConfig:
+    """``configs/<config_name>.yaml`` with Hydra command-line ``overrides`` (``key=value``) applied."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
+        raise ConfigError(f"no config {config_name!r} in {CONFIG_DIR}")
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="sparse-mim"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(f"{e}\n(overrides are key=value with keys from {CONFIG_DIR / config_name}.yaml; "
+                          f"presets: {', '.join(sorted(p.stem for p in (CONFIG_DIR / 'preset').glob('*.yaml')))})"
+                          ) from None
+
+
+def to_plain(cfg: DictConfig) -> Dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _require(ok: bool, message: str, errors: List[str]) -> None:
+    if not ok:
+        errors.append(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
+    """Raise ``ConfigError`` listing everything wrong with ``cfg`` for ``world_size`` processes.
+
+    Checks the model name, image size, mask ratio, batch split and schedule numbers; the data path
+    is checked when the dataset is built (also before training).
+    """
+    from backbones import create_backbone, list_backbones
+    from backbones.registry import UnknownBackboneError
+    from sparse_mim.spark.masking import check_mask_ratio
+
+    missing = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if v == "???"]
+    if missing:
+        raise ConfigError(f"required setting(s) not given: {', '.join(missing)}; pass them as key=value, "
+                          f"e.g. data.path=/data/imagenet")
+
+    errors: List[str] = []
+    if cfg.model not in list_backbones():
+        try:
+            create_backbone(cfg.model)
+        except UnknownBackboneError as e:
+            errors.append(f"model: {e}")
+
+    size = cfg.data.img_size
+    size_ok = _is_int(size) and size > 0 and size % 32 == 0
+    _require(size_ok, f"data.img_size must be a positive multiple of 32 (the patch size), got {size!r}; "
+             f"e.g. data.img_size={max(32, round(size / 32) * 32) if isinstance(size, (int, float)) else 224}",
+             errors)
+    ratio = cfg.mask_ratio
+    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
+        errors.append(f"mask_ratio must lie strictly between 0 and 1, got {ratio!r}")
+    elif size_ok:
+        try:
+            check_mask_ratio(float(ratio), (size // 32) ** 2)
+        except ValueError as e:
+            errors.append(f"mask_ratio: {e} (data.img_size={size})")
+
+    t = cfg.train
+    batch = t.batch_size
+    if not _is_int(batch) or batch < 1:
+        errors.append(f"train.batch_size must be a positive integer, got {batch!r}")
+    elif batch % world_size:
+        good = max(1, round(batch / world_size)) * world_size
+        errors.append(f"train.batch_size={batch} is the global batch and must divide evenly over the "
+                      f"{world_size} processes; use e.g. train.batch_size={good}")
+    _require(_is_int(t.epochs) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}", errors)
+    _require(t.max_steps is None or (_is_int(t.max_steps) and t.max_steps >= 1),
+             f"train.max_steps must be null or an integer >= 1, got {t.max_steps!r}", errors)
+    _require(isinstance(t.base_lr, (int, float)) and t.base_lr > 0,
+             f"train.base_lr must be > 0, got {t.base_lr!r}", errors)
+    _require(isinstance(t.warmup_epochs, (int, float)) and 0 <= t.warmup_epochs <= (t.epochs or 0),
+             f"train.warmup_epochs must lie in [0, train.epochs={t.epochs}], got {t.warmup_epochs!r}", errors)
+    _require(t.clip_grad is None or (isinstance(t.clip_grad, (int, float)) and t.clip_grad > 0),
+             f"train.clip_grad must be null or > 0, got {t.clip_grad!r}", errors)
+    _require(t.betas is None or (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas)),
+             f"train.betas must be null or two numbers in [0, 1), got {t.betas!r}", errors)
+    _require(_is_int(cfg.data.num_workers) and cfg.data.num_workers >= 0,
+             f"data.num_workers must be an integer >= 0, got {cfg.data.num_workers!r}", errors)
+    _require(_is_int(t.log_every) and t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every!r}",
+             errors)
+    _require(cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
+             f"drop_path_rate must be null or in [0, 1), got {cfg.drop_path_rate!r}", errors)
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,264 @@
+"""A whole pretraining run: check the config, build data/model/optimizer, resume, loop, checkpoint.
+
+    result = pretrain(compose_config(["train.epochs=2"]))
+
+The run resumes by itself when ``output_dir/checkpoint.pth`` exists. It checkpoints at the end of
+every epoch, at ``train.max_steps``, and on SIGINT/SIGTERM (after finishing the current step); a
+NaN/inf loss stops it without touching the last checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build_transform, check_batch_fits,
+                             set_epoch)
+from sparse_mim.spark import build_spark
+from sparse_mim.spark.masking import patch_grid, random_patch_mask
+
+from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, rng_state,
+                         save_checkpoint, set_rng_state)
+from .config import ConfigError, flatten, to_plain, validate_config
+from .distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, env_world_size,
+                          init_distributed, shutdown, unwrap, wrap_model)
+from .engine import train_one_epoch
+from .monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
+from .optim import build_optimizer
+from .schedules import Schedule
+
+__all__ = ["RESUME_MUST_MATCH", "PretrainResult", "pretrain"]
+
+#: Settings a resumed run must share with its checkpoint (others may change, with a note).
+RESUME_MUST_MATCH = ("model", "data.img_size", "mask_ratio", "decoder_width", "drop_path_rate", "train.batch_size")
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    step: int                  # optimizer steps done in total
+    total_steps: int           # steps the run is meant to reach (epochs x steps per epoch, capped by max_steps)
+    resumed_from: Optional[int]  # step of the checkpoint this run started from
+    losses: List[float]        # losses of the steps run by this invocation
+    seconds: float
+    stopped_by: Optional[int] = None  # the signal that stopped the run early, if any
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+
+class _StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _set_determinism(deterministic: bool) -> None:
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, data_state: Dict[str, int]) -> List[str]:
+    """Raise ConfigError if ``ckpt`` cannot continue under ``config``; return the notes to print."""
+    if ckpt["arch"] != config["model"]:
+        raise ConfigError(f"{path} was pretrained with model={ckpt['arch']}, this run asks for "
+                          f"model={config['model']}; pass model={ckpt['arch']} to resume it, or a new "
+                          f"output_dir to start afresh")
+    old, new = flatten(ckpt["config"]), flatten(config)
+    clashes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)]
+    saved = ckpt["rng"]["sampler"]
+    for key in ("dataset_size", "steps_per_epoch"):
+        if saved[key] != data_state[key]:
+            clashes.append(f"{key}: {saved[key]} -> {data_state[key]}")
+    if clashes:
+        raise ConfigError(f"cannot resume {path}: these differ from the checkpoint's run ("
+                          + "; ".join(clashes) + "). Restore them, or use a new output_dir")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k != "train.max_steps"]
+
+
+def _visual_batch(dataset: AugmentedImages, count: int) -> torch.Tensor:
+    count = max(1, min(count, len(dataset)))
+    indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
+    return torch.stack([dataset[int(i)][0] for i in indices])
+
+
+@torch.no_grad()
+def _reconstruct(model: torch.nn.Module, images: torch.Tensor, seed: int) -> Dict[str, torch.Tensor]:
+    """Input / masked / reconstruction of ``images`` under a fixed mask, in eval mode; touches no
+    global random state, so it does not change the training run."""
+    bare = unwrap(model)
+    bare.eval()
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        active = random_patch_mask(len(images), patch_grid(images, bare.patch_size), bare.mask_ratio, generator)
+        active = active.to(images.device)
+        return bare.reconstruct(images, bare(images, active))
+    finally:
+        bare.train()
+
+
+def pretrain(cfg: DictConfig) -> PretrainResult:
+    """Run (or resume) the pretraining described by ``cfg`` (see configs/pretrain.yaml)."""
+    validate_config(cfg, env_world_size())
+    config = to_plain(cfg)
+    data_cfg, train_cfg = config["data"], config["train"]
+    dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"]), seed=train_cfg["seed"])
+    check_batch_fits(dataset, train_cfg["batch_size"])
+    info = init_distributed()
+    try:
+        return _run(cfg, config, dataset, info)
+    finally:
+        shutdown()
+
+
+def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info: DistInfo) -> PretrainResult:
+    data_cfg, train_cfg = config["data"], config["train"]
+    arch, seed = config["model"], train_cfg["seed"]
+    output_dir = Path(config["output_dir"]).expanduser().resolve()
+    ckpt_path = output_dir / CHECKPOINT_NAME
+    start_time = time.perf_counter()
+
+    _set_determinism(train_cfg["deterministic"])
+    _seed_everything(seed + info.rank)
+    model = build_spark(arch, mask_ratio=config["mask_ratio"], drop_path_rate=config["drop_path_rate"],
+                        decoder_width=config["decoder_width"]).to(info.device)
+    model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"])
+    bare = unwrap(model)
+    optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"])
+
+    loader = build_loader(dataset, train_cfg["batch_size"], info.world_size, info.rank, data_cfg["num_workers"], seed)
+    steps_per_epoch = len(loader)
+    schedule = Schedule.from_epochs(base_lr=train_cfg["base_lr"], global_batch=train_cfg["batch_size"],
+                                    epochs=train_cfg["epochs"], warmup_epochs=train_cfg["warmup_epochs"],
+                                    steps_per_epoch=steps_per_epoch, weight_decay=train_cfg["weight_decay"],
+                                    weight_decay_end=train_cfg["weight_decay_end"])
+    total_steps = schedule.total_steps
+    if train_cfg["max_steps"] is not None:
+        total_steps = min(total_steps, train_cfg["max_steps"])
+    data_state = {"seed": seed, "dataset_size": len(dataset), "steps_per_epoch": steps_per_epoch}
+
+    notes = [f"data: {dataset.describe()}; {steps_per_epoch} steps per epoch of {train_cfg['batch_size']} images"
+             + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
+    step, resumed_from = 0, None
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        changed = _check_resumable(ckpt, config, ckpt_path, data_state)
+        bare.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        saved_rng = rank_rng_state(ckpt["rng"], info.rank)
+        if saved_rng is not None:
+            set_rng_state(saved_rng)
+        step = resumed_from = ckpt["step"]
+        notes.append(f"resuming from {ckpt_path} at step {step} (epoch {step // steps_per_epoch + 1})")
+        if changed:
+            notes.append("changed since the checkpoint: " + "; ".join(changed))
+        del ckpt
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+    barrier()
+
+    monitor = Monitor(output_dir, active=info.is_main, start_step=step, total_steps=total_steps,
+                      description=f"pretrain {arch}")
+    for note in notes:
+        monitor.message(note)
+    visual = _visual_batch(dataset, train_cfg["vis_images"]).to(info.device) if info.is_main else None
+
+    def save(epochs_done: int) -> None:
+        states = all_gather_objects(rng_state())
+        if info.is_main:
+            rng = {**states[0], "other_ranks": states[1:],
+                   "sampler": {**data_state, "epoch": step // steps_per_epoch,
+                               "batch_in_epoch": step % steps_per_epoch}}
+            save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epochs_done, step=step,
+                            config=config, arch=arch, rng=rng)
+        barrier()
+
+    def picture(name: str, title: str) -> None:
+        if info.is_main:
+            monitor.log_reconstruction(_reconstruct(model, visual, seed), name, step, title)
+
+    losses: List[float] = []
+
+    def on_step(metrics: Dict[str, float]) -> None:
+        losses.append(metrics["loss"])
+        monitor.log_step(metrics, write=metrics["step"] % train_cfg["log_every"] == 0
+                         or metrics["step"] == total_steps)
+
+    stop_flag = torch.zeros((), device=info.device)
+    try:
+        with _StopRequest() as stop:
+            def stop_requested() -> bool:
+                if not info.distributed:
+                    return stop.signum is not None
+                stop_flag.fill_(stop.signum or 0)  # every rank stops at the same step
+                stop.signum = int(all_reduce_max(stop_flag).item()) or None
+                return stop.signum is not None
+
+            while step < total_steps and stop.signum is None:
+                epoch = step // steps_per_epoch
+                set_epoch(loader, epoch, start_batch=step % steps_per_epoch)
+                monitor.set_description(f"pretrain {arch} epoch {epoch + 1}/{train_cfg['epochs']}")
+                step, skipped = train_one_epoch(
+                    model, loader, optimizer, schedule, info=info, epoch=epoch, step=step, stop_step=total_steps,
+                    seed=seed, mask_ratio=config["mask_ratio"], clip_grad=train_cfg["clip_grad"],
+                    autocast=train_cfg["autocast"], on_step=on_step, stop_requested=stop_requested)
+                skipped = sum(all_gather_objects(skipped))
+                if skipped:
+                    monitor.message(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s), each replaced by "
+                                    f"the next readable one")
+                epoch_done = step % steps_per_epoch == 0
+                save(step // steps_per_epoch)
+                if epoch_done:
+                    picture(f"epoch_{epoch + 1:04d}", f"{arch}, epoch {epoch + 1}, step {step}")
+                elif stop.signum is not None or step >= total_steps:
+                    picture(f"step_{step:07d}", f"{arch}, epoch {epoch + 1} (partial), step {step}")
+            stopped_by = stop.signum if step < total_steps else None
+    finally:
+        monitor.close()
+
+    if info.is_main:
+        save_loss_curve(output_dir / "metrics.jsonl", output_dir / LOSS_CURVE_NAME,
+                        f"SparK pretraining, {arch}, {data_cfg['img_size']} px")
+        done = f"stopped by signal {stopped_by} at step {step}" if stopped_by else f"finished at step {step}"
+        print(f"{done} of {total_steps}; checkpoint: {ckpt_path}; encoder: "
+              f"{output_dir / encoder_export_name(arch)}", flush=True)
+    return PretrainResult(output_dir, step, total_steps, resumed_from, losses, time.perf_counter() - start_time,
+                          stopped_by)

@@ -1,0 +1,39 @@
+"""Shared test helpers: float64 comparisons of sparse runs against the masked-dense reference."""
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+MASKS = ("random", "single", "all", "corners")
+
+
+def patch_mask(kind: str, batch: int, grid, generator=None) -> torch.Tensor:
+    """Patch masks that exercise borders: random, one visible patch, all visible, the four corners."""
+    h, w = grid
+    if kind == "random":
+        m = torch.rand(batch, h, w, generator=generator) < 0.5
+        m[:, 0, 0] = True
+        return m
+    if kind == "single":
+        m = torch.zeros(batch, h, w, dtype=torch.bool)
+        m[:, h - 1, w // 2] = True
+        return m
+    if kind == "all":
+        return torch.ones(batch, h, w, dtype=torch.bool)
+    m = torch.zeros(batch, h, w, dtype=torch.bool)
+    m[:, 0, 0] = m[:, 0, -1] = m[:, -1, 0] = m[:, -1, -1] = True
+    return m
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-10, what: str = "") -> None:
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual - expected).abs().max().item()
+    assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3e} (scale {scale:.3e})"

@@ -1,0 +1,1 @@
+"""Shared helpers for the pretraining tests (image folders, CLI subprocesses)."""

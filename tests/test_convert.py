@@ -1,0 +1,529 @@
+"""Weight conversion: exact outputs in timm/torchvision, complete Detectron2 key lists, every
+accepted source, loud errors, and the MinkowskiEngine kernel layout."""
+from __future__ import annotations
+
+import argparse
+import functools
+import pickle
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from safetensors.torch import load_file, save_file
+
+from sparse_mim.convert import (
+    ConversionError,
+    dense_bias_to_me,
+    dense_kernel_to_me,
+    load_encoder_state_dict,
+    me_bias_to_dense,
+    me_kernel_to_dense,
+    to_detectron2,
+    to_timm,
+    to_torchvision,
+)
+from sparse_mim.convert.archs import ARCHS
+from sparse_mim.convert.cli import main
+from sparse_mim.convert.detectron2 import (
+    check_detectron2_weights,
+    detectron2_config_hints,
+    detectron2_key_shapes,
+    detectron2_name,
+)
+from sparse_mim.convert.timm_names import timm_encoder_shapes
+from sparse_mim.convert.writers import atomic_write
+
+CLASSIFIER = ("fc.", "head.")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@functools.lru_cache(maxsize=None)
+def randomized_timm_model(arch: str) -> torch.nn.Module:
+    """A float64 eval-mode timm model whose every norm/layer-scale has distinct random values, so
+    a swapped or misplaced tensor changes the output. Shared between tests: do not modify."""
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=10).double().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or name.endswith("gamma"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn_like(b))
+            elif name.endswith("running_var"):
+                b.copy_(torch.empty_like(b).uniform_(0.5, 2.0))
+    return model
+
+
+def encoder_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(CLASSIFIER)}
+
+
+def image(arch: str) -> torch.Tensor:
+    """Small float64 input; rectangular so that height and width cannot be confused. ConvNeXts get
+    the smallest size that leaves their last stage a 1x2 map (float64 depthwise convs are slow)."""
+    size = (32, 64) if arch.startswith("convnext") else (64, 96)
+    return torch.randn(2, 3, *size, dtype=torch.float64)
+
+
+def meta_encoder_state_dict(arch: str) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return encoder_state_dict(timm.create_model(arch))
+
+
+def small_encoder(arch: str = "resnet18") -> dict[str, torch.Tensor]:
+    """Real (CPU) tensors with the encoder's keys and shapes, quick to make."""
+    torch.manual_seed(1)
+    return {k: torch.randn(s) if s else torch.tensor(3) for k, s in timm_encoder_shapes(arch).items()}
+
+
+def pretraining_checkpoint(encoder: dict[str, torch.Tensor], arch: str) -> dict:
+    model = {f"encoder.{k}": v for k, v in encoder.items()}
+    model.update({f"decoder.dec.{i}.weight": torch.randn(4) for i in range(5)})
+    model.update({f"densify.norms.{i}.weight": torch.randn(4) for i in range(4)})
+    model.update({f"mask_tokens.{i}": torch.randn(1, 4, 1, 1) for i in range(4)})
+    optimizer = {"state": {i: {"exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)} for i in range(3)},
+                 "param_groups": [{"lr": 1e-3, "params": [0, 1, 2]}]}
+    return {"format": "sparse-mim/pretrain-v1", "model": model, "optimizer": optimizer,
+            "epoch": 3, "step": 300, "config": {"lr": 1e-3}, "arch": arch}
+
+
+# ---------------------------------------------------------------------------------------------
+# timm
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "convnext_tiny", "convnextv2_tiny"])
+def test_to_timm_loads_with_only_the_classifier_missing_and_same_outputs(arch):
+    source = randomized_timm_model(arch)
+    converted = to_timm(encoder_state_dict(source), arch)
+
+    target = timm.create_model(arch, pretrained=False, num_classes=10).double().eval()
+    result = target.load_state_dict(converted, strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(k.startswith(CLASSIFIER) for k in result.missing_keys)
+
+    x = image(arch)
+    with torch.no_grad():
+        assert torch.equal(target.forward_features(x), source.forward_features(x))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_to_timm_accepts_the_key_list_of_every_supported_arch(arch):
+    encoder = meta_encoder_state_dict(arch)
+    assert list(to_timm(encoder, arch)) == list(encoder)
+
+
+def test_to_timm_fills_absent_batchnorm_counters():
+    encoder = {k: v for k, v in small_encoder().items() if not k.endswith("num_batches_tracked")}
+    converted = to_timm(encoder, "resnet18")
+    assert converted["layer1.0.bn1.num_batches_tracked"].item() == 0
+    assert list(converted) == list(timm_encoder_shapes("resnet18"))
+
+
+def test_unknown_arch_lists_the_supported_ones():
+    with pytest.raises(ConversionError) as e:
+        to_timm(small_encoder(), "resnet9000")
+    assert "resnet9000" in str(e.value)
+    assert all(name in str(e.value) for name in ARCHS)
+
+
+def test_missing_extra_and_misshaped_keys_are_listed():
+    encoder = small_encoder()
+    del encoder["layer2.1.bn2.running_var"]
+    encoder["layer4.9.conv1.weight"] = torch.zeros(1)
+    encoder["layer3.0.conv1.weight"] = torch.zeros(256, 128, 1, 1)
+    with pytest.raises(ConversionError) as e:
+        to_timm(encoder, "resnet18")
+    msg = str(e.value)
+    assert "missing (1):" in msg and "layer2.1.bn2.running_var" in msg
+    assert "unexpected (1):" in msg and "layer4.9.conv1.weight" in msg
+    assert "wrong shape (1):" in msg
+    assert "layer3.0.conv1.weight: expected (256, 128, 3, 3), found (256, 128, 1, 1)" in msg
+
+
+def test_long_key_lists_show_the_first_twenty_and_a_count():
+    encoder = {k: v for k, v in small_encoder().items() if not k.startswith("layer4.")}
+    n_missing = sum(k.startswith("layer4.") for k in timm_encoder_shapes("resnet18"))
+    with pytest.raises(ConversionError) as e:
+        to_timm(encoder, "resnet18")
+    msg = str(e.value)
+    assert f"missing ({n_missing}):" in msg
+    assert f"... and {n_missing - 20} more" in msg
+
+
+def test_weights_of_another_arch_are_refused_with_the_differences():
+    with pytest.raises(ConversionError) as e:
+        to_timm(small_encoder("resnet18"), "resnet50")
+    msg = str(e.value)
+    assert "layer1.0.conv3.weight" in msg and "wrong shape" in msg
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision
+
+
+def test_to_torchvision_resnet50_gives_identical_logits():
+    source = randomized_timm_model("resnet50")
+    tv = torchvision.models.resnet50(weights=None, num_classes=10).double().eval()
+    result = tv.load_state_dict(to_torchvision(encoder_state_dict(source), "resnet50"), strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    tv.fc.load_state_dict(source.fc.state_dict())  # a shared classifier
+
+    x = image("resnet50")
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), source(x), rtol=1e-12, atol=1e-12)
+
+
+def test_to_torchvision_convnext_tiny_gives_identical_features_and_logits():
+    source = randomized_timm_model("convnext_tiny")
+    tv = torchvision.models.convnext_tiny(weights=None, num_classes=10).double().eval()
+    result = tv.load_state_dict(to_torchvision(encoder_state_dict(source), "convnext_tiny"),
+                                strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == ["classifier.0.bias", "classifier.0.weight",
+                                           "classifier.2.bias", "classifier.2.weight"]
+    # the shared classifier: timm's head.norm is torchvision's classifier.0, head.fc classifier.2
+    tv.classifier[0].load_state_dict(source.head.norm.state_dict())
+    tv.classifier[2].load_state_dict(source.head.fc.state_dict())
+
+    x = image("convnext_tiny")
+    with torch.no_grad():
+        torch.testing.assert_close(tv.features(x), source.forward_features(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(tv(x), source(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch", [a for a in sorted(ARCHS) if ARCHS[a].in_torchvision])
+def test_to_torchvision_matches_torchvision_key_lists(arch):
+    converted = to_torchvision(meta_encoder_state_dict(arch), arch)
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, arch)(weights=None).state_dict()
+    classifier = "fc." if arch.startswith("resnet") else "classifier."
+    assert {k: v.shape for k, v in converted.items()} == {
+        k: v.shape for k, v in tv.items() if not k.startswith(classifier)
+    }
+
+
+@pytest.mark.parametrize("arch", ["resnet200", "convnextv2_tiny"])
+def test_to_torchvision_refuses_archs_torchvision_lacks(arch):
+    with pytest.raises(ConversionError) as e:
+        to_torchvision(meta_encoder_state_dict(arch), arch)
+    assert f"{arch!r} cannot be converted to torchvision" in str(e.value)
+    assert "convnext_large" in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectron2
+
+
+@pytest.mark.parametrize("arch", [a for a in sorted(ARCHS) if a.startswith("resnet")])
+def test_detectron2_renaming_covers_detectron2s_key_list(arch):
+    renamed = {
+        detectron2_name(k): s
+        for k, s in timm_encoder_shapes(arch).items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert renamed == detectron2_key_shapes(arch)
+
+
+@pytest.mark.parametrize("arch, n_keys", [("resnet18", 100), ("resnet50", 265), ("resnet101", 520)])
+def test_detectron2_key_list_has_the_expected_names(arch, n_keys):
+    # stem: conv + 4 norm tensors = 5; per conv+norm 5 tensors; a shortcut where shapes change
+    keys = detectron2_key_shapes(arch)
+    assert len(keys) == n_keys
+    assert keys["stem.conv1.weight"] == (64, 3, 7, 7)
+    assert keys["stem.conv1.norm.running_var"] == (64,)
+    assert "res3.0.shortcut.norm.running_mean" in keys and "res3.1.shortcut.weight" not in keys
+    assert not any("num_batches_tracked" in k or k.startswith(("fc", "linear")) for k in keys)
+    if arch == "resnet18":
+        assert "res2.0.shortcut.weight" not in keys and "res2.0.conv3.weight" not in keys
+    else:
+        assert keys["res2.0.shortcut.weight"] == (256, 64, 1, 1)
+        assert keys["res5.2.conv3.norm.bias"] == (2048,)
+        assert keys["res4.0.conv2.weight"] == (256, 256, 3, 3)
+    if arch == "resnet101":
+        assert "res4.22.conv3.weight" in keys and "res4.23.conv1.weight" not in keys
+
+
+@pytest.mark.parametrize("arch", ["resnet50", "resnet101"])
+def test_to_detectron2_writes_a_complete_numpy_pickle(tmp_path, arch):
+    encoder = small_encoder(arch)
+    out = tmp_path / "d2" / f"{arch}.pkl"
+    checkpoint = to_detectron2(encoder, arch, out)
+
+    with open(out, "rb") as f:
+        on_disk = pickle.load(f)
+    assert on_disk["__author__"] == "sparse-mim" and on_disk["matching_heuristics"] is True
+    assert set(on_disk["model"]) == set(detectron2_key_shapes(arch)) == set(checkpoint["model"])
+    assert all(isinstance(v, np.ndarray) for v in on_disk["model"].values())
+    pairs = {"layer1.0.bn1.running_var": "res2.0.conv1.norm.running_var",
+             "layer3.2.conv2.weight": "res4.2.conv2.weight",
+             "layer2.0.downsample.0.weight": "res3.0.shortcut.weight",
+             "layer2.0.downsample.1.bias": "res3.0.shortcut.norm.bias",
+             "bn1.weight": "stem.conv1.norm.weight",
+             "conv1.weight": "stem.conv1.weight"}
+    for timm_key, d2_key in pairs.items():
+        np.testing.assert_array_equal(on_disk["model"][d2_key], encoder[timm_key].numpy())
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left behind
+
+
+def test_detectron2_check_lists_a_missing_key():
+    weights = {k: np.zeros(s, dtype=np.float32) for k, s in detectron2_key_shapes("resnet50").items()}
+    del weights["res4.5.conv2.norm.running_var"]
+    with pytest.raises(ConversionError) as e:
+        check_detectron2_weights(weights, "resnet50")
+    assert "missing (1):" in str(e.value) and "res4.5.conv2.norm.running_var" in str(e.value)
+
+
+def test_to_detectron2_refuses_an_incomplete_encoder_and_writes_nothing(tmp_path):
+    encoder = small_encoder("resnet50")
+    del encoder["layer3.5.bn2.running_var"]
+    out = tmp_path / "r50.pkl"
+    with pytest.raises(ConversionError, match=r"layer3\.5\.bn2\.running_var"):
+        to_detectron2(encoder, "resnet50", out)
+    assert not out.exists()
+
+
+def test_detectron2_config_hints():
+    hints = detectron2_config_hints("resnet18")
+    assert hints["INPUT.FORMAT"] == "RGB"
+    assert hints["MODEL.PIXEL_MEAN"] == [123.675, 116.28, 103.53]
+    assert hints["MODEL.PIXEL_STD"] == [58.395, 57.12, 57.375]
+    assert hints["MODEL.RESNETS.STRIDE_IN_1X1"] is False
+    assert hints["MODEL.RESNETS.DEPTH"] == 18 and hints["MODEL.RESNETS.RES2_OUT_CHANNELS"] == 64
+    assert "MODEL.RESNETS.RES2_OUT_CHANNELS" not in detectron2_config_hints("resnet101")
+
+
+def test_to_detectron2_refuses_convnext(tmp_path):
+    with pytest.raises(ConversionError, match="cannot be converted to detectron2"):
+        to_detectron2({}, "convnext_tiny", tmp_path / "x.pkl")
+
+
+def test_an_interrupted_write_keeps_the_previous_file(tmp_path):
+    out = tmp_path / "weights.pth"
+    out.write_bytes(b"previous")
+
+    def fail_halfway(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(out, fail_halfway)
+    assert out.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [out]
+
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+def test_full_pretraining_checkpoint_keeps_the_encoder_and_reports_the_rest(tmp_path):
+    encoder = small_encoder()
+    path = tmp_path / "ckpt.pth"
+    torch.save(pretraining_checkpoint(encoder, "resnet18"), path)
+
+    state_dict, dropped = load_encoder_state_dict(path)
+    assert state_dict.keys() == encoder.keys()
+    assert all(torch.equal(state_dict[k], encoder[k]) for k in encoder)
+    assert dropped == {"decoder": 5, "densify": 4, "mask_tokens": 4, "optimizer": 6}
+
+
+def test_ddp_prefixes_are_removed():
+    encoder = small_encoder()
+    wrapped = {"state_dict": {f"module.encoder.{k}": v for k, v in encoder.items()}}
+    wrapped["state_dict"]["module.decoder.proj.weight"] = torch.zeros(1)
+    state_dict, dropped = load_encoder_state_dict(wrapped)
+    assert state_dict.keys() == encoder.keys() and dropped == {"decoder": 1}
+
+    bare_ddp = {f"module.{k}": v for k, v in encoder.items()}
+    assert load_encoder_state_dict(bare_ddp)[0].keys() == encoder.keys()
+
+
+def test_encoder_state_dict_wrapped_in_model_with_a_classifier():
+    encoder = small_encoder()
+    checkpoint = {"model": {**encoder, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}}
+    state_dict, dropped = load_encoder_state_dict(checkpoint)
+    assert state_dict.keys() == encoder.keys() and dropped == {"classifier": 2}
+
+
+def test_safetensors_source_and_its_arch_metadata(tmp_path):
+    encoder = small_encoder()
+    path = tmp_path / "enc.safetensors"
+    save_file(encoder, str(path), metadata={"arch": "resnet18"})
+    converted = to_timm(path, "resnet18")
+    assert all(torch.equal(converted[k], encoder[k]) for k in encoder)
+    with pytest.raises(ConversionError,
+                       match="checkpoint was pretrained as resnet18, you asked for resnet50"):
+        to_timm(path, "resnet50")
+
+
+def test_pretraining_checkpoint_with_the_wrong_arch_is_refused():
+    checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
+    with pytest.raises(ConversionError,
+                       match="checkpoint was pretrained as resnet18, you asked for resnet34"):
+        load_encoder_state_dict(checkpoint, "resnet34")
+
+
+def test_checkpoint_with_python_objects_falls_back_to_full_unpickling(tmp_path):
+    checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
+    checkpoint["config"] = argparse.Namespace(lr=1e-3)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        state_dict, _ = load_encoder_state_dict(path, "resnet18")
+    assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
+
+
+def test_unreadable_sources_raise_conversion_errors(tmp_path):
+    with pytest.raises(ConversionError, match="checkpoint not found"):
+        load_encoder_state_dict(tmp_path / "nope.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="could not read checkpoint"):
+        load_encoder_state_dict(garbage)
+    with pytest.raises(ConversionError, match="unknown checkpoint format"):
+        load_encoder_state_dict({"format": "sparse-mim/pretrain-v9", "model": {}})
+    with pytest.raises(ConversionError, match="no 'encoder.\\*' weights"):
+        load_encoder_state_dict({"format": "sparse-mim/pretrain-v1",
+                                 "model": {"decoder.w": torch.zeros(1)}})
+
+
+# ---------------------------------------------------------------------------------------------
+# MinkowskiEngine layout
+
+
+def me_conv2d(x: torch.Tensor, kernel: torch.Tensor, ks: int) -> torch.Tensor:
+    """Apply an ME-layout kernel (K, C_in, C_out) the way ME does on a full grid: output site
+    (h, w) sums in[h + dh, w + dw] @ K[k] over offsets, k = dh + ks * dw (dh fastest), zero
+    outside the image."""
+    n, c_in, height, width = x.shape
+    r = ks // 2
+    padded = F.pad(x, (r, r, r, r))
+    out = torch.zeros(n, kernel.shape[-1], height, width, dtype=x.dtype)
+    for k in range(ks * ks):
+        dh, dw = k % ks - r, k // ks - r
+        window = padded[:, :, r + dh:r + dh + height, r + dw:r + dw + width]
+        out += torch.einsum("nihw,io->nohw", window, kernel[k])
+    return out
+
+
+def test_me_kernel_applied_by_offsets_equals_conv2d_with_the_dense_kernel():
+    torch.manual_seed(0)
+    ks, c_in, c_out = 3, 4, 5
+    kernel = torch.randn(ks * ks, c_in, c_out, dtype=torch.float64)
+    x = torch.randn(2, c_in, 6, 7, dtype=torch.float64)
+    dense = me_kernel_to_dense(kernel, ks)
+    assert dense.shape == (c_out, c_in, ks, ks)
+    torch.testing.assert_close(F.conv2d(x, dense, padding=ks // 2), me_conv2d(x, kernel, ks))
+
+
+def test_me_depthwise_kernel_equals_grouped_conv2d():
+    torch.manual_seed(0)
+    ks, c = 7, 3
+    kernel = torch.randn(ks * ks, c, dtype=torch.float64)
+    x = torch.randn(1, c, 9, 8, dtype=torch.float64)
+    dense = me_kernel_to_dense(kernel, ks)
+    assert dense.shape == (c, 1, ks, ks)
+    # a depthwise kernel is a diagonal regular kernel
+    diagonal = torch.diag_embed(kernel)
+    torch.testing.assert_close(F.conv2d(x, dense, padding=ks // 2, groups=c), me_conv2d(x, diagonal, ks))
+
+
+def test_me_layout_indexing_formula():
+    kernel = torch.randn(9, 2, 3)
+    dense = me_kernel_to_dense(kernel, 3)
+    for kh in range(3):
+        for kw in range(3):
+            assert torch.equal(dense[:, :, kh, kw], kernel[kh + 3 * kw].t())
+
+
+def test_me_layout_round_trips():
+    torch.manual_seed(0)
+    regular = torch.randn(9, 4, 6)
+    assert torch.equal(dense_kernel_to_me(me_kernel_to_dense(regular, 3)), regular)
+    pointwise = torch.randn(4, 6)
+    dense_pw = me_kernel_to_dense(pointwise, 1)
+    assert dense_pw.shape == (6, 4, 1, 1) and torch.equal(dense_kernel_to_me(dense_pw), pointwise)
+    depthwise = torch.randn(49, 8)
+    assert torch.equal(dense_kernel_to_me(me_kernel_to_dense(depthwise, 7), depthwise=True), depthwise)
+    weight = torch.randn(5, 3, 3, 3)
+    assert torch.equal(me_kernel_to_dense(dense_kernel_to_me(weight), 3), weight)
+    bias = torch.randn(1, 5)
+    assert me_bias_to_dense(bias).shape == (5,) and torch.equal(dense_bias_to_me(me_bias_to_dense(bias)), bias)
+
+
+def test_me_layout_rejects_inconsistent_shapes():
+    with pytest.raises(ConversionError, match="needs K = 9"):
+        me_kernel_to_dense(torch.randn(8, 2, 3), 3)
+    with pytest.raises(ConversionError, match="depthwise"):
+        me_kernel_to_dense(torch.randn(4, 6), 3, depthwise=False)
+    with pytest.raises(ConversionError, match=r"\(C, 1, kh, kw\)"):
+        dense_kernel_to_me(torch.randn(4, 2, 3, 3), depthwise=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_exports_a_pretraining_checkpoint_to_timm_safetensors(tmp_path, capsys):
+    source = randomized_timm_model("resnet18")
+    ckpt = tmp_path / "pretrain.pth"
+    torch.save(pretraining_checkpoint(encoder_state_dict(source), "resnet18"), ckpt)
+    out = tmp_path / "resnet18.safetensors"
+
+    assert main([str(ckpt), "--to", "timm", "--arch", "resnet18", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote 120 tensors (timm names, resnet18) to {out}" in printed
+    assert "decoder (5 tensors)" in printed and "mask_tokens (4 tensors)" in printed
+    assert "optimizer (6 tensors)" in printed and "fc.weight, fc.bias" in printed
+
+    target = timm.create_model("resnet18", pretrained=False, num_classes=10).double().eval()
+    result = target.load_state_dict(load_file(str(out)), strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+    x = image("resnet18")
+    with torch.no_grad():
+        assert torch.equal(target.forward_features(x), source.forward_features(x))
+
+
+def test_cli_exports_torchvision_pth_and_detectron2_pkl(tmp_path, capsys):
+    ckpt = tmp_path / "enc.pth"
+    torch.save(small_encoder("resnet18"), ckpt)
+
+    tv_out = tmp_path / "tv.pth"
+    assert main([str(ckpt), "--to", "torchvision", "--arch", "resnet18", "--out", str(tv_out)]) == 0
+    tv = torchvision.models.resnet18(weights=None)
+    result = tv.load_state_dict(torch.load(tv_out, weights_only=True), strict=False)
+    assert result.unexpected_keys == [] and sorted(result.missing_keys) == ["fc.bias", "fc.weight"]
+
+    d2_out = tmp_path / "r18.pkl"
+    assert main([str(ckpt), "--to", "detectron2", "--arch", "resnet18", "--out", str(d2_out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MODEL.RESNETS.RES2_OUT_CHANNELS: 64" in printed and "INPUT.FORMAT: RGB" in printed
+    with open(d2_out, "rb") as f:
+        assert len(pickle.load(f)["model"]) == 100
+
+
+def test_cli_reports_errors_on_stderr_with_exit_code_2(tmp_path, capsys):
+    ckpt = tmp_path / "pretrain.pth"
+    torch.save(pretraining_checkpoint(small_encoder(), "resnet18"), ckpt)
+    out = tmp_path / "out.pth"
+
+    assert main([str(ckpt), "--to", "timm", "--arch", "resnet50", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint was pretrained as resnet18, you asked for resnet50" in err
+    assert "Traceback" not in err and not out.exists()
+
+    assert main([str(ckpt), "--to", "detectron2", "--arch", "resnet18", "--out", str(out)]) == 2
+    assert "writes .pkl files" in capsys.readouterr().err
+
+    assert main([str(ckpt), "--to", "detectron2", "--arch", "convnext_tiny",
+                 "--out", str(tmp_path / "x.pkl")]) == 2
+    assert "cannot be converted to detectron2" in capsys.readouterr().err
+
+    assert main([str(ckpt), "--to", "onnx", "--arch", "resnet18", "--out", str(out)]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,248 @@
+"""Every sparse op equals SparK's masked-dense reference, forward and gradients, in float64."""
+import pytest
+import torch
+
+from sparse_mim.engine import (MaskedDenseTensor, PatchCoordinateManager, SiteCoordinateManager,
+                               SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseGELU,
+                               SparseGlobalAvgPool, SparseGRN, SparseLayerNorm, SparseLinear,
+                               SparseMaxPool2d, SparseReLU, SparseSyncBatchNorm, SparseTensor, execution)
+from sparse_mim.engine.tensor import SparseTensor as _ST
+
+from conftest import MASKS, assert_close, patch_mask
+
+DT = torch.float64
+PATHS = ("tiles", "gather", "canvas")
+
+
+def pair(x: torch.Tensor, manager, stride: int):
+    """The same dense leaf seen as sparse rows and as a masked-dense map."""
+    sparse = SparseTensor(_ST._gather_sites(x, manager, stride), manager=manager, stride=stride)
+    ref = MaskedDenseTensor(x * manager.mask(stride, x.dtype), manager, stride)
+    return sparse, ref
+
+
+def compare(module: torch.nn.Module, channels: int, stride: int, mask: torch.Tensor, path: str = "tiles",
+            site_manager: bool = False, tol: float = 1e-10):
+    """Run ``module`` sparse and masked-dense on the same input; compare outputs and all gradients."""
+    manager = PatchCoordinateManager(mask, 32)
+    if site_manager:  # arbitrary-coordinate (MinkowskiEngine-style) input on the same active set
+        manager = SiteCoordinateManager.from_mask(manager.active_mask(stride), stride)
+    h, w = manager.spatial_shape(stride)
+    x = torch.randn(mask.shape[0], channels, h, w, dtype=DT, requires_grad=True)
+    params = [p for p in module.parameters() if p.requires_grad]
+    sparse, ref = pair(x, manager, stride)
+    # backward of each run before the next forward: BatchNorm updates its running stats in place
+    with execution(path):
+        out_s = module(sparse)
+    dense_s = out_s.dense()
+    probe = torch.randn_like(dense_s)
+    gs = torch.autograd.grad((dense_s * probe).sum(), [x] + params)
+    out_r = module(ref)
+    dense_r = out_r.dense()
+    gr = torch.autograd.grad((dense_r * probe).sum(), [x] + params)
+    assert dense_s.shape == dense_r.shape
+    assert_close(dense_s, dense_r, tol, "forward")
+    assert out_s.stride == out_r.stride
+    for name, a, b in zip(["input"] + [n for n, p in module.named_parameters() if p.requires_grad], gs, gr):
+        assert_close(a, b, tol, f"grad {name}")
+    return out_s
+
+
+CONVS = [  # (kernel, stride, padding, dilation, groups)
+    (1, 1, 0, 1, 1), (1, 2, 0, 1, 1), (2, 2, 0, 1, 1), (3, 1, 1, 1, 1), (3, 2, 1, 1, 1), (3, 1, 2, 2, 1),
+    (4, 4, 0, 1, 1), (7, 1, 3, 1, "dw"), (7, 2, 3, 1, 1), (2, 1, "same", 1, 1), (4, 1, "same", 1, 1),
+    (3, 1, 1, 1, "dw"), (5, 2, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("kernel,stride,padding,dilation,groups", CONVS)
+@pytest.mark.parametrize("path", PATHS)
+def test_conv_matches_masked_dense(kernel, stride, padding, dilation, groups, path):
+    cin = 5
+    g = cin if groups == "dw" else groups
+    cout = cin if groups == "dw" else 7
+    conv = SparseConv2d(cin, cout, kernel, stride, padding, dilation, groups=g, bias=True).to(DT)
+    mask = patch_mask("random", 2, (2, 3))
+    for in_stride in (1, 8):
+        if in_stride * stride > 32:
+            continue
+        compare(conv, cin, in_stride, mask, path)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_conv_masks_borders_single_patch_batch_one(mask_kind):
+    conv = SparseConv2d(3, 4, 3, 1, 1).to(DT)
+    for batch in (1, 3):
+        compare(conv, 3, 4, patch_mask(mask_kind, batch, (2, 3)))
+
+
+def test_strided_conv_output_active_set_is_coarser_patch_mask():
+    mask = patch_mask("random", 2, (2, 3))
+    conv = SparseConv2d(3, 4, 3, 2, 1).to(DT)
+    out = compare(conv, 3, 4, mask)
+    expected = mask.repeat_interleave(4, 1).repeat_interleave(4, 2)
+    assert torch.equal(out.active_mask(), expected)
+    assert out.features.shape[0] == int(expected.sum())
+
+
+@pytest.mark.parametrize("path", ("gather", "canvas"))
+def test_conv_on_arbitrary_coordinates(path):
+    # A MinkowskiEngine-style input: arbitrary active sites (not patch-aligned).
+    active = torch.rand(2, 12, 10) < 0.4
+    manager = SiteCoordinateManager.from_mask(active)
+    x = torch.randn(2, 3, 12, 10, dtype=DT, requires_grad=True)
+    conv = SparseConv2d(3, 4, 3, 2, 1).to(DT)
+    sparse, ref = pair(x, manager, 1)
+    with execution(path):
+        out_s = conv(sparse)
+    out_r = conv(ref)
+    assert_close(out_s.dense(), out_r.dense(), what="forward")
+    # ME quantisation: a coarse site is active iff any of its fine sites is
+    expected = torch.nn.functional.max_pool2d(active[:, None].float(), 2)[:, 0] > 0
+    assert torch.equal(out_s.active_mask(), expected)
+    probe = torch.randn_like(out_r.dense())
+    ga = torch.autograd.grad((out_s.dense() * probe).sum(), [x, conv.weight])
+    gb = torch.autograd.grad((out_r.dense() * probe).sum(), [x, conv.weight])
+    for a, b in zip(ga, gb):
+        assert_close(a, b, what="grad")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_site_manager_on_patch_masks_matches_tiles(path):
+    conv = SparseConv2d(4, 6, 3, 1, 1).to(DT)
+    compare(conv, 4, 4, patch_mask("random", 2, (2, 3)), path, site_manager=True)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_is_max_over_active_neighbours(path, kernel, stride, padding):
+    pool = SparseMaxPool2d(kernel, stride, padding)
+    compare(pool, 5, 2, patch_mask("random", 2, (2, 3)), path)
+
+
+def test_max_pool_ignores_masked_zeros_unlike_dense_maxpool():
+    # all-negative features next to masked patches: a dense max-pool of the zero-filled map gives 0
+    mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    mask[0, 0, 0] = True
+    manager = PatchCoordinateManager(mask, 32)
+    sp = SparseTensor(torch.rand(16 * 16, 2, dtype=DT) - 2.0, manager=manager, stride=2)
+    out = SparseMaxPool2d(3, 2, 1)(sp)
+    assert (out.features < -1.0).all()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel,stride,padding", [(2, 2, 0), (3, 1, 1), (3, 2, 1)])
+def test_avg_pool_divides_by_active_neighbours(path, kernel, stride, padding):
+    compare(SparseAvgPool2d(kernel, stride, padding), 3, 4, patch_mask("random", 2, (2, 3)), path)
+
+
+def test_avg_pool_denominator_counts_active_sites_only():
+    mask = torch.tensor([[[True, False]]])
+    manager = PatchCoordinateManager(mask, 32)
+    sp = SparseTensor(torch.ones(16 * 16, 1, dtype=DT), manager=manager, stride=2)  # constant 1
+    out = SparseAvgPool2d(3, 1, 1)(sp)
+    assert torch.allclose(out.features, torch.ones_like(out.features))  # not diluted by masked zeros
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("train", (True, False))
+def test_batch_norm_statistics_over_active_sites_only(mask_kind, train):
+    bn_s, bn_r = SparseBatchNorm2d(5).to(DT), SparseBatchNorm2d(5).to(DT)
+    with torch.no_grad():
+        for bn in (bn_s, bn_r):
+            bn.weight.copy_(torch.linspace(0.5, 1.5, 5))
+            bn.bias.copy_(torch.linspace(-1, 1, 5))
+            bn.running_mean.copy_(torch.linspace(-0.2, 0.2, 5))
+            bn.running_var.copy_(torch.linspace(0.5, 2.0, 5))
+    bn_s.train(train), bn_r.train(train)
+    mask = patch_mask(mask_kind, 2, (2, 3))
+    manager = PatchCoordinateManager(mask, 32)
+    x = torch.randn(2, 5, 16, 24, dtype=DT) * 3 + 1
+    sparse, ref = pair(x, manager, 4)
+    out_s, out_r = bn_s(sparse), bn_r(ref)
+    assert_close(out_s.dense(), out_r.dense(), what="forward")
+    assert_close(bn_s.running_mean, bn_r.running_mean, what="running_mean")
+    assert_close(bn_s.running_var, bn_r.running_var, what="running_var")
+    if train:  # the running stats are BatchNorm1d's over the active rows
+        rows = sparse.features
+        expected_var = 0.9 * torch.linspace(0.5, 2.0, 5, dtype=DT) + 0.1 * rows.var(0, unbiased=True)
+        assert_close(bn_s.running_var, expected_var, what="unbiased running var")
+    compare(bn_s, 5, 4, mask)
+
+
+def test_sync_batch_norm_without_process_group_equals_local():
+    mask = patch_mask("random", 2, (2, 3))
+    compare(SparseSyncBatchNorm(5).to(DT), 5, 8, mask)
+
+
+@pytest.mark.parametrize("channels_first", (True, False))
+def test_layer_norm(channels_first):
+    ln = SparseLayerNorm(7, eps=1e-6, channels_first=channels_first).to(DT)
+    with torch.no_grad():
+        ln.weight.normal_(), ln.bias.normal_()
+    compare(ln, 7, 4, patch_mask("random", 2, (2, 3)))
+
+
+def test_linear_and_activations():
+    lin = SparseLinear(5, 9).to(DT)
+    compare(torch.nn.Sequential(lin, SparseGELU(), SparseReLU()), 5, 8, patch_mask("corners", 2, (2, 3)))
+
+
+def test_grn_is_per_sample_over_active_sites():
+    grn = SparseGRN(6).to(DT)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+    mask = patch_mask("random", 3, (2, 3))
+    out = compare(grn, 6, 16, mask)
+    # per sample: changing sample 1's features must not change sample 0's output
+    manager = out.manager
+    x = torch.randn(3, 6, 4, 6, dtype=DT)
+    a = grn(pair(x, manager, 16)[0]).dense()
+    x2 = x.clone()
+    x2[1] *= 10
+    b = grn(pair(x2, manager, 16)[0]).dense()
+    assert_close(a[0], b[0], what="sample 0 unchanged")
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+
+def test_global_avg_pool_per_sample():
+    mask = patch_mask("random", 2, (2, 3))
+    manager = PatchCoordinateManager(mask, 32)
+    x = torch.randn(2, 4, 8, 12, dtype=DT, requires_grad=True)
+    sparse, ref = pair(x, manager, 8)
+    pool = SparseGlobalAvgPool()
+    a, b = pool(sparse), pool(ref)
+    assert_close(a, b, what="forward")
+    m = manager.active_mask(8)
+    expected = torch.stack([x[i][:, m[i]].mean(1) for i in range(2)])
+    assert_close(a, expected, what="direct formula")
+    g1 = torch.autograd.grad(a.sum(), x)[0]
+    g2 = torch.autograd.grad(b.sum(), x)[0]
+    assert_close(g1, g2, what="grad")
+
+
+def test_drop_path_drops_whole_samples_identically():
+    dp = SparseDropPath(0.5).train()
+    mask = patch_mask("all", 8, (1, 1))
+    manager = PatchCoordinateManager(mask, 32)
+    x = torch.ones(8, 2, 4, 4, dtype=DT)
+    sparse, ref = pair(x, manager, 8)
+    torch.manual_seed(3)
+    a = dp(sparse).dense()
+    torch.manual_seed(3)
+    b = dp(ref).dense()
+    assert_close(a, b, what="same RNG, same result")
+    per_sample = a.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()
+    assert dp.eval()(sparse) is sparse
+
+
+def test_residual_add_requires_same_active_set():
+    mask = patch_mask("random", 2, (2, 3))
+    m1, m2 = PatchCoordinateManager(mask, 32), PatchCoordinateManager(mask, 32)
+    x = torch.randn(2, 3, 16, 24, dtype=DT)
+    a, _ = pair(x, m1, 4)
+    b, _ = pair(x, m2, 4)
+    assert_close((a + a).features, 2 * a.features, what="add")
+    with pytest.raises(ValueError, match="different active sets"):
+        a + b
