@@ -100,6 +100,17 @@ def test_masked_input_equals_masked_dense_reference(name):
             assert_close(a.dense(), b.dense(), 1e-9, f"{name} train={train}")
 
 
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
+def test_channels_last_masked_dense_reference_is_the_same(name):
+    # the benchmark baseline runs channels_last, where its BatchNorm takes the row kernel
+    model = create_backbone(name).to(DT).train()
+    randomize(model, seed=3)
+    mask = patch_mask("random", 2, (2, 3))
+    x = torch.randn(2, 3, 64, 96, dtype=DT)
+    for a, b in zip(model(x, mask), model(x.to(memory_format=torch.channels_last), mask, dense_reference=True)):
+        assert_close(a.dense(), b.dense(), 1e-9, name)
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_masked_gradients_equal_masked_dense_reference(name):
     model = create_backbone(name).to(DT).train()

@@ -22,13 +22,16 @@ def pair(x: torch.Tensor, manager, stride: int):
 
 
 def compare(module: torch.nn.Module, channels: int, stride: int, mask: torch.Tensor, path: str = "tiles",
-            site_manager: bool = False, tol: float = 1e-10):
+            site_manager: bool = False, tol: float = 1e-10, channels_last: bool = False):
     """Run ``module`` sparse and masked-dense on the same input; compare outputs and all gradients."""
     manager = PatchCoordinateManager(mask, 32)
     if site_manager:  # arbitrary-coordinate (MinkowskiEngine-style) input on the same active set
         manager = SiteCoordinateManager.from_mask(manager.active_mask(stride), stride)
     h, w = manager.spatial_shape(stride)
-    x = torch.randn(mask.shape[0], channels, h, w, dtype=DT, requires_grad=True)
+    x = torch.randn(mask.shape[0], channels, h, w, dtype=DT)
+    if channels_last:  # the masked-dense baseline's memory format (its BatchNorm then runs on rows)
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
     params = [p for p in module.parameters() if p.requires_grad]
     sparse, ref = pair(x, manager, stride)
     # backward of each run before the next forward: BatchNorm updates its running stats in place
@@ -159,6 +162,7 @@ def test_batch_norm_statistics_over_active_sites_only(mask_kind, train):
     manager = PatchCoordinateManager(mask, 32)
     x = torch.randn(2, 5, 16, 24, dtype=DT) * 3 + 1
     sparse, ref = pair(x, manager, 4)
+    assert ref.dense_features.is_contiguous()
     out_s, out_r = bn_s(sparse), bn_r(ref)
     assert_close(out_s.dense(), out_r.dense(), what="forward")
     assert_close(bn_s.running_mean, bn_r.running_mean, what="running_mean")
@@ -168,6 +172,7 @@ def test_batch_norm_statistics_over_active_sites_only(mask_kind, train):
         expected_var = 0.9 * torch.linspace(0.5, 2.0, 5, dtype=DT) + 0.1 * rows.var(0, unbiased=True)
         assert_close(bn_s.running_var, expected_var, what="unbiased running var")
     compare(bn_s, 5, 4, mask)
+    compare(bn_s, 5, 4, mask, channels_last=True)
 
 
 def test_sync_batch_norm_without_process_group_equals_local():
@@ -246,3 +251,11 @@ def test_residual_add_requires_same_active_set():
     assert_close((a + a).features, 2 * a.features, what="add")
     with pytest.raises(ValueError, match="different active sets"):
         a + b
+
+
+@pytest.mark.parametrize("kernel,stride,padding,groups", [(3, 1, 1, 1), (3, 2, 1, 1), (7, 1, 3, "dw"), (2, 2, 0, 1)])
+def test_implicit_gemm_path_matches_masked_dense(kernel, stride, padding, groups):
+    # on CPU the implicit-GEMM path runs the kernels' PyTorch reference through the same cached maps
+    g = 5 if groups == "dw" else 1
+    conv = SparseConv2d(5, 5 if g == 5 else 6, kernel, stride, padding, groups=g).to(DT)
+    compare(conv, 5, 4, patch_mask("random", 2, (2, 3)), "implicit_gemm")

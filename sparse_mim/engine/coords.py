@@ -14,8 +14,7 @@ coordinates that happen to be present.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, Hashable, Optional, Tuple
+from typing import Dict, Hashable, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +73,7 @@ class CoordinateManager:
         raise NotImplementedError
 
     def num_rows(self, stride: int) -> int:
-        return int(self.coordinates(stride).shape[0])
+        return self.cached(("num_rows", stride), lambda: int(self.coordinates(stride).shape[0]))
 
     # -- derived, shared by both kinds ---------------------------------------------------------------
     def mask(self, stride: int, dtype: torch.dtype) -> torch.Tensor:

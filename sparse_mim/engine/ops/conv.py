@@ -26,7 +26,7 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         return _masked_dense(x, weight, bias, geom, groups, out_stride)
     if geom.pointwise and groups == 1:
         return _pointwise(x, weight, bias, geom, out_stride)
-    path = choose_path(x, geom)
+    path = choose_path(x, geom, depthwise=groups > 1 and groups == x.num_channels)
     if path == "tiles":
         t_out = x.manager.tile_side(out_stride)
         tiles = gather_tiles(x, geom)
@@ -35,7 +35,7 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
     elif path == "canvas":
         dense = _dense_conv(x.dense(), weight, bias, geom, groups)
         rows = canvas_rows(dense, x, out_stride)
-    elif path == "implicit_gemm" and groups in (1, x.num_channels):
+    elif path == "implicit_gemm" and (groups == 1 or groups == x.num_channels == weight.shape[0]):
         rows = _implicit_gemm(x, weight, bias, geom, groups)
     else:
         rows = _gather_conv(gather_neighbors(x, geom), weight, bias, groups)
@@ -82,14 +82,26 @@ def _gather_conv(neigh: torch.Tensor, weight, bias, groups) -> torch.Tensor:
 
 
 def _implicit_gemm(x: SparseTensor, weight, bias, geom, groups) -> torch.Tensor:
-    """Fused gather-GEMM through the kernel map (Triton on CUDA; reference elsewhere)."""
-    from ...kernels import gather_conv, gather_depthwise_conv
+    """Fused gather-GEMM through the kernel map (Triton on CUDA; the PyTorch reference elsewhere).
+
+    Maps and their inverses (for the input gradient) are cached on the manager: once per batch.
+    """
+    from ...kernels import gather_conv, gather_depthwise_conv, invert_neighbor_map
     m = x.manager
-    nbr = m.neighbor_map(x.stride, geom.kernel, geom.dilation, geom.stride, geom.pad_lo)
-    nbr32 = m.cached(("nbr32", x.stride, geom), lambda: nbr.to(torch.int32).contiguous())
+    key = (x.stride, geom)
+    nbr = m.cached(("nbr32",) + key, lambda: m.neighbor_map(
+        x.stride, geom.kernel, geom.dilation, geom.stride, geom.pad_lo).to(torch.int32).contiguous())
+    nbr_inv = m.cached(("nbr32_inv",) + key, lambda: invert_neighbor_map(nbr, x.features.shape[0]))
+    features = x.features
+    if torch.is_autocast_enabled(features.device.type):  # the kernels take one dtype, like autocast's conv
+        dtype = torch.get_autocast_dtype(features.device.type)
+        features, weight = features.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    else:
+        weight = weight.to(features.dtype)
     k = nbr.shape[1]
     if groups == 1:
         w = weight.permute(2, 3, 1, 0).reshape(k, weight.shape[1], weight.shape[0])
-        return gather_conv(x.features, w, nbr32, bias=bias)
-    w = weight.view(weight.shape[0], k).t()
-    return gather_depthwise_conv(x.features, w, nbr32, bias=bias)
+        return gather_conv(features, w, nbr, nbr_inv, bias=bias)
+    w = weight.reshape(weight.shape[0], k).t()
+    return gather_depthwise_conv(features, w, nbr, nbr_inv, bias=bias)

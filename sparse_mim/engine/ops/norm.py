@@ -1,8 +1,9 @@
 """Normalisation over active sites only: BatchNorm (local and synced across ranks), LayerNorm.
 
 BatchNorm statistics (batch mean / variance and the running estimates) are those of BatchNorm1d over
-the ``N_active x C`` rows; masked sites never enter them. LayerNorm normalises the channels of each
-active site. The masked-dense reference computes the same numbers from masked sums.
+the ``N_active x C`` rows; masked sites never enter them. A masked-dense map in channels_last memory
+*is* a set of rows (``B*H*W x C``, zero at masked sites), so both containers share one row kernel and
+differ only by the active count and an output mask. LayerNorm normalises each active site's channels.
 """
 from __future__ import annotations
 
@@ -28,77 +29,133 @@ def _momentum_and_mode(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[float, bool
     return factor, use_batch
 
 
+def _sync_group(bn):
+    if bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return getattr(bn, "process_group", None) or dist.group.WORLD
+    return None
+
+
+class _RowBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm of (N, C) rows, of which ``count`` are active (the rest are zero rows
+    whose outputs are masked). Column sums are GEMMs with a ones vector: on CPU ``F.batch_norm`` on
+    2-D input reduces each channel in a strided loop and is several times slower."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, count, row_mask):
+        ones = x.new_ones(1, x.shape[0])
+        mean = (ones @ x).squeeze(0) / count
+        var = ((ones @ (x * x)).squeeze(0) / count - mean * mean).clamp_min(0)
+        invstd = torch.rsqrt(var + eps)
+        scale = weight * invstd
+        out = torch.addcmul(bias - mean * scale, x, scale)
+        if row_mask is not None:
+            out = out * row_mask
+        ctx.save_for_backward(x, weight, mean, invstd, row_mask)
+        ctx.count = count
+        return out, mean, var
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mean, _grad_var):
+        x, weight, mean, invstd, row_mask = ctx.saved_tensors
+        n = ctx.count
+        if row_mask is not None:
+            grad = grad * row_mask
+        ones = grad.new_ones(1, grad.shape[0])
+        sum_dy = (ones @ grad).squeeze(0)
+        sum_dy_xhat = invstd * ((ones @ (grad * x)).squeeze(0) - mean * sum_dy)  # = d weight
+        k1 = weight * invstd
+        k2 = -k1 * invstd * sum_dy_xhat / n
+        k3 = -k1 * sum_dy / n - k2 * mean
+        dx = torch.addcmul(torch.addcmul(k3, x, k2), grad, k1)
+        if row_mask is not None:
+            dx = dx * row_mask
+        return dx, sum_dy_xhat, sum_dy, None, None, None
+
+
+def _rows(x: SiteTensor):
+    """(rows (N, C), active count, row mask or None, back) when ``x`` can be seen as rows, else None."""
+    if isinstance(x, SparseTensor):
+        f = x.features
+        return f, f.shape[0], None, x.replace
+    d = x.dense_features
+    if not d.is_contiguous(memory_format=torch.channels_last):
+        return None
+    b, c, h, w = d.shape
+    rows = d.permute(0, 2, 3, 1).reshape(-1, c)
+    mask = x.mask().permute(0, 2, 3, 1).reshape(-1, 1)
+    count = x.manager.num_rows(x.stride)  # cached per batch: one host sync per stride, not per layer
+    return rows, count, mask, lambda r: x.replace(r.view(b, h, w, c).permute(0, 3, 1, 2))
+
+
+def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
+    """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites."""
+    group = _sync_group(bn) if sync else None
+    if group is None and bn.weight is not None and bn.bias is not None:
+        view = _rows(x)
+        f = view[0] if view else None
+        if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64):
+            factor, _ = _momentum_and_mode(bn)
+            rows, count, mask, back = view
+            out, mean, var = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, count, mask)
+            _update_running(bn, mean, var, count, factor)
+            return back(out)
+        if isinstance(x, SparseTensor):
+            factor, use_batch = _momentum_and_mode(bn)
+            track = not bn.training or bn.track_running_stats
+            return x.replace(F.batch_norm(x.features, bn.running_mean if track else None,
+                                          bn.running_var if track else None, bn.weight, bn.bias,
+                                          use_batch, factor, bn.eps))
+    return _batch_norm_from_moments(x, bn, group)
+
+
+def _update_running(bn, mean, var, count, factor) -> None:
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            unbiased = var * count / max(count - 1, 1) if isinstance(count, int) else var * count / (count - 1).clamp(min=1)
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
+            bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), factor)
+
+
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     from torch.distributed.nn.functional import all_reduce
     return all_reduce(t, group=group)
 
 
-def _moments(values: torch.Tensor, dims, count: torch.Tensor, mask: Optional[torch.Tensor],
-             group) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean and biased variance per channel over active sites (summed across ranks if ``group``)."""
-    s = values.sum(dims)
-    if group is not None:
-        packed = _all_reduce(torch.cat([s, count.reshape(1).to(s.dtype)]), group)
-        s, count = packed[:-1], packed[-1]
-    mean = s / count
-    shape = [1] * values.dim()
-    shape[1 if values.dim() == 4 else -1] = -1
-    centred = values - mean.view(shape)
-    if mask is not None:
-        centred = centred * mask
-    sq = (centred * centred).sum(dims)
-    if group is not None:
-        sq = _all_reduce(sq, group)
-    return mean, sq / count, count
-
-
-def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
-    """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites."""
-    group = None
-    if sync and bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        group = getattr(bn, "process_group", None) or dist.group.WORLD
-    if isinstance(x, SparseTensor) and group is None:
-        factor, use_batch = _momentum_and_mode(bn)
-        out = F.batch_norm(x.features, bn.running_mean if not bn.training or bn.track_running_stats else None,
-                           bn.running_var if not bn.training or bn.track_running_stats else None,
-                           bn.weight, bn.bias, use_batch, factor, bn.eps)
-        return x.replace(out)
-    return _batch_norm_from_moments(x, bn, group)
-
-
 def _batch_norm_from_moments(x, bn, group):
-    """BatchNorm from explicit moments; ``x`` is a SiteTensor or a plain dense (B, C, H, W) tensor."""
+    """BatchNorm from explicit sums (any device / dtype / layout; summed over ranks with ``group``).
+
+    ``x`` is a SiteTensor or a plain dense (B, C, H, W) tensor (the decoder's synced BatchNorm).
+    """
     factor, use_batch = _momentum_and_mode(bn)
     if isinstance(x, torch.Tensor):
         values, dims, mask, shape = x, (0, 2, 3), None, (1, -1, 1, 1)
-        count = torch.tensor(float(x.numel() // x.shape[1]), dtype=x.dtype, device=x.device)
+        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device)
     elif isinstance(x, SparseTensor):
-        values, dims, mask = x.features, (0,), None
-        count = torch.tensor(float(values.shape[0]), dtype=values.dtype, device=values.device)
-        shape = (1, -1)
+        values, dims, mask, shape = x.features, (0,), None, (1, -1)
+        count = torch.tensor(float(values.shape[0]), device=values.device)
     else:
-        values, dims, mask = x.dense_features, (0, 2, 3), x.mask()
-        count = x.manager.active_count(x.stride, values.dtype)
-        shape = (1, -1, 1, 1)
+        values, dims, mask, shape = x.dense_features, (0, 2, 3), x.mask(), (1, -1, 1, 1)
+        count = x.manager.active_count(x.stride, torch.float32)
     if use_batch:
-        stat_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        mean, var, count = _moments(values.to(stat_dtype), dims, count.to(stat_dtype),
-                                    None if mask is None else mask.to(stat_dtype), group)
-        if bn.training and bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                unbiased = var * count / (count - 1).clamp(min=1)
-                bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), factor)
-                bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), factor)
-        mean, var = mean.to(values.dtype), var.to(values.dtype)
+        stat = torch.float64 if values.dtype == torch.float64 else torch.float32
+        v = values.to(stat)
+        sums = torch.cat([v.sum(dims), (v * v).sum(dims), count.to(stat).reshape(1)])
+        if group is not None:
+            sums = _all_reduce(sums, group)
+        c = values.shape[1]
+        count = sums[-1]
+        mean = sums[:c] / count
+        var = (sums[c:2 * c] / count - mean * mean).clamp_min(0)
+        _update_running(bn, mean, var, count, factor)
     else:
-        mean, var = bn.running_mean.to(values.dtype), bn.running_var.to(values.dtype)
+        mean, var = bn.running_mean, bn.running_var
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight
     shift = -mean * scale
     if bn.bias is not None:
         shift = shift + bn.bias
-    out = values * scale.view(shape) + shift.view(shape)
+    out = torch.addcmul(shift.to(values.dtype).view(shape), values, scale.to(values.dtype).view(shape))
     if isinstance(x, torch.Tensor):
         return out
     return x.replace(out) if mask is None else x.replace(out * mask)
@@ -106,10 +163,7 @@ def _batch_norm_from_moments(x, bn, group):
 
 def sync_batch_norm_dense(x: torch.Tensor, bn) -> torch.Tensor:
     """BatchNorm of a plain dense tensor with statistics summed over all ranks (works on CPU/gloo)."""
-    group = None
-    if bn.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        group = getattr(bn, "process_group", None) or dist.group.WORLD
-    return _batch_norm_from_moments(x, bn, group)
+    return _batch_norm_from_moments(x, bn, _sync_group(bn))
 
 
 def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:

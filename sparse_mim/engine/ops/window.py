@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
@@ -29,19 +29,26 @@ PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
 
 @contextlib.contextmanager
-def execution(path: str):
-    """Force an execution path for windowed ops inside the block (tests, benchmarks)."""
-    if path not in PATHS:
-        raise ValueError(f"unknown execution path {path!r}; choose one of {PATHS}")
-    previous = getattr(_state, "path", "auto")
-    _state.path = path
+def execution(path: str = "auto", depthwise: str | None = None):
+    """Force the execution path of windowed ops inside the block (tests, benchmarks).
+
+    ``depthwise`` overrides the path of depthwise convolutions only (e.g. ``canvas`` for ConvNeXt's
+    7x7 depthwise while the dense convolutions use ``implicit_gemm``).
+    """
+    for p in (path, depthwise or "auto"):
+        if p not in PATHS:
+            raise ValueError(f"unknown execution path {p!r}; choose one of {PATHS}")
+    previous = (getattr(_state, "path", "auto"), getattr(_state, "depthwise", None))
+    _state.path, _state.depthwise = path, depthwise
     try:
         yield
     finally:
-        _state.path = previous
+        _state.path, _state.depthwise = previous
 
 
-def current_execution() -> str:
+def current_execution(depthwise: bool = False) -> str:
+    if depthwise and getattr(_state, "depthwise", None):
+        return _state.depthwise
     return getattr(_state, "path", "auto")
 
 
@@ -147,12 +154,10 @@ def canvas_rows(dense_out: torch.Tensor, x: SparseTensor, out_stride: int) -> to
     return dense_out.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, flat)
 
 
-def choose_path(x: SparseTensor, geom: WindowGeometry) -> str:
-    path = current_execution()
+def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) -> str:
+    path = current_execution(depthwise)
     if path == "tiles" and not x.manager.tiled:
         return "gather"
-    if path == "implicit_gemm":
-        return path
     if path != "auto":
         return path
     if x.manager.tiled and geom.kernel[0] == geom.kernel[1]:
