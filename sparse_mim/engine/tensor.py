@@ -11,6 +11,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from .ops.gather import gather_rows
 from .coords import CoordinateManager, PatchCoordinateManager, SiteCoordinateManager, SparseInputError
 
 __all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor"]
@@ -93,7 +94,7 @@ class SparseTensor(SiteTensor):
     @staticmethod
     def _gather_sites(x: torch.Tensor, manager: CoordinateManager, stride: int) -> torch.Tensor:
         c = x.shape[1]
-        return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, manager.flat_site_index(stride))
+        return gather_rows(x.permute(0, 2, 3, 1).reshape(-1, c), manager.flat_site_index(stride))
 
     def replace(self, features: torch.Tensor) -> "SparseTensor":
         """Same sites, new features (no checks: for ops that keep the row set)."""

@@ -9,14 +9,22 @@ from __future__ import annotations
 import torch
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+from .gather import gather_rows
 
 __all__ = ["global_avg_pool", "per_sample_sum", "grn", "drop_path"]
 
 
 def per_sample_sum(x: SparseTensor, values: torch.Tensor) -> torch.Tensor:
-    """(B, C) sums of ``values`` (N, C) over each sample's rows."""
-    out = values.new_zeros(x.batch_size, values.shape[1])
-    return out.index_add(0, x.manager.batch_index(x.stride), values)
+    """(B, C) sums of ``values`` (N, C) over each sample's rows, as a one-hot GEMM (index_add is slow)."""
+    m, stride = x.manager, x.stride
+    onehot = m.cached(("batch_onehot", stride, values.dtype, values.device), lambda: torch.nn.functional.one_hot(
+        m.batch_index(stride), m.batch_size).t().to(values.dtype))
+    return onehot @ values
+
+
+def _per_row(x: SparseTensor, per_sample: torch.Tensor) -> torch.Tensor:
+    """(N, C) rows of a (B, C) per-sample tensor."""
+    return gather_rows(per_sample, x.manager.batch_index(x.stride))
 
 
 def global_avg_pool(x: SiteTensor) -> torch.Tensor:
@@ -38,7 +46,7 @@ def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e
         return x.masked(out)
     f = x.features
     g = _safe_sqrt(per_sample_sum(x, f * f))
-    n = (g / (g.mean(1, keepdim=True) + eps)).index_select(0, x.manager.batch_index(x.stride))
+    n = _per_row(x, g / (g.mean(1, keepdim=True) + eps))
     return x.replace(f + torch.addcmul(bias, weight, f * n))
 
 
@@ -58,4 +66,4 @@ def drop_path(x: SiteTensor, p: float, training: bool) -> SiteTensor:
     scale = torch.empty(x.batch_size, dtype=dtype, device=device).bernoulli_(keep) / keep
     if isinstance(x, MaskedDenseTensor):
         return x.replace(x.dense_features * scale.view(-1, 1, 1, 1))
-    return x.replace(x.features * scale.index_select(0, x.manager.batch_index(x.stride))[:, None])
+    return x.replace(x.features * _per_row(x, scale[:, None]))

@@ -20,6 +20,7 @@ import torch
 
 from ..coords import SparseInputError
 from ..tensor import SparseTensor
+from .gather import gather_rows
 
 __all__ = ["WindowGeometry", "execution", "current_execution", "gather_tiles", "gather_neighbors",
            "canvas_rows"]
@@ -110,12 +111,8 @@ class WindowGeometry:
         return lo, hi
 
 
-def _extended(features: torch.Tensor, fill: float) -> torch.Tensor:
-    return torch.cat([features, features.new_full((1, features.shape[1]), fill)])
-
-
 def _with_sentinel(manager, key, index: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Replace -1 by ``n_rows`` (the fill row appended by ``_extended``), cached per batch."""
+    """Replace -1 by ``n_rows`` (the fill row of ``gather_rows``), cached per batch."""
     return manager.cached(("sentinel",) + key,
                           lambda: torch.where(index < 0, torch.full_like(index, n_rows), index))
 
@@ -128,7 +125,7 @@ def gather_tiles(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> to
     n = x.features.shape[0]
     index = _with_sentinel(m, ("tiles", x.stride, lo, hi), index, n)
     t = index.shape[1]
-    rows = _extended(x.features, fill).index_select(0, index.reshape(-1))
+    rows = gather_rows(x.features, index.reshape(-1), fill)
     return rows.view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)
 
 
@@ -144,14 +141,14 @@ def gather_neighbors(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -
     nbr = m.neighbor_map(x.stride, geom.kernel, geom.dilation, geom.stride, geom.pad_lo)
     nbr = _with_sentinel(m, ("nbr", x.stride, geom), nbr, x.features.shape[0])
     k = nbr.shape[1]
-    return _extended(x.features, fill).index_select(0, nbr.reshape(-1)).view(-1, k, x.features.shape[1])
+    return gather_rows(x.features, nbr.reshape(-1), fill).view(-1, k, x.features.shape[1])
 
 
 def canvas_rows(dense_out: torch.Tensor, x: SparseTensor, out_stride: int) -> torch.Tensor:
     """Rows of a dense (B, C, H, W) result at the active sites of ``out_stride``."""
     c = dense_out.shape[1]
     flat = x.manager.flat_site_index(out_stride)
-    return dense_out.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, flat)
+    return gather_rows(dense_out.permute(0, 2, 3, 1).reshape(-1, c), flat)
 
 
 def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) -> str:

@@ -1,0 +1,165 @@
+"""The benchmark config: ``configs/bench.yaml`` composed by Hydra, checked, and resolved to a device.
+
+``configs/`` sits at the repository root beside the ``sparse_mim`` package (as for pretraining), so
+``sparse-mim bench key=value`` works from any folder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_NAME = "bench"
+WHAT = ("encoder", "step")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
+
+
+class BenchConfigError(ValueError):
+    """The benchmark config cannot run; raised before any model is built."""
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """The checked config with the device and precision actually used."""
+
+    models: Tuple[str, ...]
+    mask_ratios: Tuple[float, ...]
+    batch_size: int
+    img_size: int
+    device: torch.device
+    dtype: str              # requested: float32 / bfloat16
+    autocast: bool          # bfloat16 autocast in effect (CUDA only)
+    warmup: int
+    repeats: int
+    threads: Optional[int]
+    channels_last: bool
+    cudnn_benchmark: bool
+    execution: str
+    what: Tuple[str, ...]
+    memory: bool
+    decoder_width: int
+    seed: int
+    output_dir: Path
+    notes: Tuple[str, ...]  # what was adjusted (e.g. bfloat16 requested on a CPU)
+
+    @property
+    def effective_dtype(self) -> str:
+        return "bfloat16 (autocast)" if self.autocast else "float32"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // 32) ** 2
+
+
+def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """``configs/bench.yaml`` with Hydra ``key=value`` overrides applied."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file():
+        raise BenchConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}; the benchmark needs the repository's "
+                               f"configs/ folder beside the sparse_mim package")
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="sparse-mim-bench"):
+            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise BenchConfigError(f"{e}\n(overrides are key=value with keys from {CONFIG_DIR / CONFIG_NAME}.yaml, "
+                               f"lists as models=[resnet50,convnext_tiny])") from None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _as_list(v) -> list:
+    return list(v) if isinstance(v, (list, tuple)) else [v]
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BenchConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchConfigError(f"device={name} but CUDA is not available here; use device=cpu or device=auto")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchConfigError(f"device must be cpu or cuda, got {name!r}")
+    return device
+
+
+def resolve(cfg: DictConfig) -> BenchSettings:
+    """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
+    from backbones import list_backbones
+    from sparse_mim.spark import check_mask_ratio
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    errors: List[str] = []
+    known = set(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")))
+    extra = sorted(set(c) - known)
+    if extra:
+        errors.append(f"unknown setting(s) {', '.join(extra)}; the settings are {', '.join(sorted(known))}")
+    models = [str(m) for m in _as_list(c["models"])]
+    unknown = [m for m in models if m not in list_backbones()]
+    if not models:
+        errors.append(f"models is empty; give e.g. models=[resnet50] (choose from {', '.join(list_backbones())})")
+    elif unknown:
+        errors.append(f"models: unknown {', '.join(unknown)}; choose from {', '.join(list_backbones())}")
+    size = c["img_size"]
+    size_ok = _is_int(size) and size > 0 and size % 32 == 0
+    if not size_ok:
+        errors.append(f"img_size must be a positive multiple of 32 (the patch size), got {size!r}")
+    ratios = _as_list(c["mask_ratios"])
+    if not ratios:
+        errors.append("mask_ratios is empty; give e.g. mask_ratios=[0.6]")
+    for r in ratios:
+        if not isinstance(r, (int, float)) or isinstance(r, bool):
+            errors.append(f"mask_ratios: {r!r} is not a number")
+        elif size_ok:
+            try:
+                check_mask_ratio(float(r), (size // 32) ** 2)
+            except ValueError as e:
+                errors.append(f"mask_ratios: {e} (img_size={size})")
+    for key, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("decoder_width", 1)):
+        if not _is_int(c[key]) or c[key] < low:
+            errors.append(f"{key} must be an integer >= {low}, got {c[key]!r}")
+    if _is_int(c["decoder_width"]) and c["decoder_width"] % 32:
+        errors.append(f"decoder_width must be a multiple of 32 (halved by each of the 5 decoder blocks), "
+                      f"got {c['decoder_width']}")
+    if c["threads"] is not None and (not _is_int(c["threads"]) or c["threads"] < 1):
+        errors.append(f"threads must be null or an integer >= 1, got {c['threads']!r}")
+    if c["dtype"] not in DTYPES:
+        errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")
+    if c["execution"] not in PATHS:
+        errors.append(f"execution must be one of {', '.join(PATHS)}, got {c['execution']!r}")
+    what = [str(w) for w in _as_list(c["what"])]
+    if not what or any(w not in WHAT for w in what):
+        errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
+    device = None
+    try:
+        device = _device(str(c["device"]))
+    except BenchConfigError as e:
+        errors.append(str(e))
+    if errors:
+        raise BenchConfigError("invalid benchmark config:\n  - " + "\n  - ".join(errors))
+
+    notes = []
+    autocast = c["dtype"] == "bfloat16" and device.type == "cuda"
+    if c["dtype"] == "bfloat16" and not autocast:
+        notes.append("dtype=bfloat16 runs as float32 on a CPU (bfloat16 autocast is CUDA-only here)")
+    return BenchSettings(
+        models=tuple(models), mask_ratios=tuple(float(r) for r in ratios), batch_size=int(c["batch_size"]),
+        img_size=int(size), device=device, dtype=str(c["dtype"]), autocast=autocast, warmup=int(c["warmup"]),
+        repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
+        cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
+        what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
+        seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes))

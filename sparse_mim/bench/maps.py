@@ -1,0 +1,79 @@
+"""Time spent choosing masks and building coordinate maps, measured as its own line.
+
+In a real step this work is spread through the encoder's forward: the coordinate manager builds each
+map (active sets, tile gather indices, kernel maps, masks) the first time a layer asks for it and
+caches it for the rest of the step (backward reuses them). To time it honestly we run the sparse
+encoder forward on a fresh mask with a manager that clocks every *outermost* build (nested builds count
+inside their caller), synchronising the device around each build so asynchronous CUDA work is
+attributed to it. The total is
+
+    random_patch_mask + manager construction + every map the network builds,
+
+the median over ``repeats`` fresh masks. The forward runs without autograd: maps do not depend on it.
+On CUDA the per-build synchronisation makes this an upper bound of the overhead in a real step, where
+those kernels overlap with the host.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Hashable
+
+import torch
+
+from sparse_mim.engine import PatchCoordinateManager, SparseTensor
+from sparse_mim.spark import random_patch_mask
+
+from .timing import synchronizer
+from .workload import Workload
+
+__all__ = ["ClockedPatchManager", "map_building_ms"]
+
+
+class ClockedPatchManager(PatchCoordinateManager):
+    """A ``PatchCoordinateManager`` that adds the time of each outermost map build to ``build_seconds``."""
+
+    def __init__(self, patch_mask: torch.Tensor, patch_size: int, sync: Callable[[], None]):
+        super().__init__(patch_mask, patch_size)
+        self.build_seconds = 0.0
+        self.builds = 0
+        self._sync = sync
+        self._depth = 0
+
+    def cached(self, key: Hashable, build):
+        if self._depth or self._cache.get(key) is not None:
+            return super().cached(key, build)
+        self._sync()
+        start = time.perf_counter()
+        self._depth += 1
+        try:
+            value = super().cached(key, build)
+        finally:
+            self._depth -= 1
+        self._sync()
+        self.build_seconds += time.perf_counter() - start
+        self.builds += 1
+        return value
+
+
+def _one(workload: Workload, sync: Callable[[], None], generator: torch.Generator) -> float:
+    spec, device = workload.spec, workload.device
+    encoder = workload.models["sparse"].encoder
+    images = workload.images["sparse"]
+    sync()
+    start = time.perf_counter()
+    active = random_patch_mask(spec.batch_size, spec.grid, spec.mask_ratio, generator=generator, device=device)
+    manager = ClockedPatchManager(active, encoder.downsample_ratio, sync)
+    sync()
+    setup = time.perf_counter() - start
+    x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
+    with torch.no_grad(), workload.context():
+        encoder.forward_features(x)
+    return setup + manager.build_seconds
+
+
+def map_building_ms(workload: Workload, repeats: int) -> float:
+    """Median milliseconds of mask + coordinate-map construction for one batch (see module docs)."""
+    sync = synchronizer(workload.device)
+    generator = torch.Generator(device=workload.device).manual_seed(workload.spec.seed + 7)
+    return 1000.0 * statistics.median(_one(workload, sync, generator) for _ in range(repeats))

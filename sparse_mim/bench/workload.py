@@ -1,0 +1,126 @@
+"""What is measured: the sparse SparK model and its masked-dense twin on the same weights and inputs.
+
+``Workload`` holds both variants of one configuration (model x mask ratio):
+
+* ``sparse``: SparK with the sparse encoder (the engine's native layout; ``execution`` picks its path).
+* ``dense``:  a deep copy with ``dense_reference=True``: SparK's masked-dense simulation on identical
+  weights; with ``channels_last`` its inputs and weights are channels_last, as a dense CNN would run.
+
+The decoder side (densify projections, LightDecoder) is dense in both and gets the same memory format
+in both, so the step's difference is the encoder's. ``iteration(variant, what, active)`` is one timed
+unit: encoder forward+backward (``what="encoder"``) or a full pretraining step (``"step"``:
+SparK forward + loss + backward; no optimizer). Gradients are cleared by ``prepare`` outside timing.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from sparse_mim.engine import SparseTensor, execution
+from sparse_mim.spark import SparK, build_spark, len_keep, random_patch_mask
+
+__all__ = ["WorkloadSpec", "Workload", "VARIANTS", "feature_tensor"]
+
+VARIANTS = ("sparse", "dense")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """Everything that defines one configuration (plain values: it also travels to subprocesses)."""
+
+    model: str
+    mask_ratio: float
+    batch_size: int
+    img_size: int
+    device: str
+    autocast: bool
+    channels_last: bool
+    execution: str
+    decoder_width: int
+    seed: int
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        return (self.img_size // 32, self.img_size // 32)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def len_keep(self) -> int:
+        return len_keep(self.num_patches, self.mask_ratio)
+
+    @property
+    def visible_fraction(self) -> float:
+        """The ideal FLOP fraction: visible patches / all patches (SparK's rounding)."""
+        return self.len_keep / self.num_patches
+
+
+def feature_tensor(feature) -> torch.Tensor:
+    """The tensor inside an encoder output (SparseTensor rows or a MaskedDenseTensor map)."""
+    return feature.features if isinstance(feature, SparseTensor) else feature.dense_features
+
+
+class Workload:
+    """Both variants of one configuration, ready to run; ``variants`` limits which are built."""
+
+    def __init__(self, spec: WorkloadSpec, variants: Tuple[str, ...] = VARIANTS):
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        torch.manual_seed(spec.seed)
+        sparse = build_spark(spec.model, mask_ratio=spec.mask_ratio, decoder_width=spec.decoder_width,
+                             dense_reference=False).to(self.device).train()
+        images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size,
+                             generator=torch.Generator().manual_seed(spec.seed)).to(self.device)
+        self.models: Dict[str, SparK] = {}
+        self.images: Dict[str, torch.Tensor] = {}
+        if "dense" in variants:
+            dense = copy.deepcopy(sparse)
+            dense.dense_reference = True
+            dense_images = images
+            if spec.channels_last:
+                dense = dense.to(memory_format=torch.channels_last)
+                dense_images = images.contiguous(memory_format=torch.channels_last)
+            self.models["dense"], self.images["dense"] = dense, dense_images
+        if "sparse" in variants:
+            if spec.channels_last:  # the dense decoder side runs like the baseline's
+                for name, child in sparse.named_children():
+                    if name != "encoder":
+                        child.to(memory_format=torch.channels_last)
+            self.models["sparse"], self.images["sparse"] = sparse, images
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def masks(self, count: int, seed_offset: int = 1) -> List[torch.Tensor]:
+        """``count`` random patch masks (one per iteration, shared by both variants), on the device."""
+        g = torch.Generator().manual_seed(self.spec.seed + seed_offset)
+        return [random_patch_mask(self.spec.batch_size, self.spec.grid, self.spec.mask_ratio, generator=g)
+                .to(self.device) for _ in range(count)]
+
+    # -- one unit of work -------------------------------------------------------------------------
+    def context(self):
+        """Precision and sparse execution path, entered around every forward."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(execution(self.spec.execution))
+        if self.spec.autocast:
+            stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+        return stack
+
+    def forward(self, variant: str, what: str, active: torch.Tensor) -> torch.Tensor:
+        """The scalar that ``backward`` starts from: the step's loss, or the sum of all encoder outputs."""
+        model, images = self.models[variant], self.images[variant]
+        with self.context():
+            if what == "step":
+                return model(images, active).loss
+            return sum(feature_tensor(f).sum() for f in model.encode(images, active))
+
+    def iteration(self, variant: str, what: str, active: torch.Tensor) -> None:
+        self.forward(variant, what, active).backward()
+
+    def prepare(self, variant: str) -> None:
+        """Untimed: drop the previous iteration's gradients so every iteration allocates them alike."""
+        self.models[variant].zero_grad(set_to_none=True)

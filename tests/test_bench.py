@@ -1,0 +1,85 @@
+"""``sparse-mim bench``: a tiny run end to end, the FLOP accounting, and the config errors."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from sparse_mim.bench import main
+from sparse_mim.bench.flops import CORRECTED_FORMULAS
+from sparse_mim.bench.memory import cpu_peak_mb_subprocess
+from sparse_mim.bench.workload import WorkloadSpec
+
+TINY = ["models=[resnet18]", "mask_ratios=[0.5]", "batch_size=2", "img_size=64", "repeats=1", "warmup=0",
+        "decoder_width=32", "threads=1", "memory=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        code = main(TINY + [f"output_dir={out}"])
+    finally:
+        torch.set_num_threads(threads)
+    return code, out
+
+
+def test_tiny_run_writes_table_json_csv_and_plot(tiny_run, capsys):
+    code, out = tiny_run
+    assert code == 0
+    for name in ("results.md", "results.json", "results.csv", "speedup.png"):
+        assert (out / name).stat().st_size > 0, name
+    table = (out / "results.md").read_text()
+    assert "| resnet18 | 0.5 | 2/4 |" in table
+    assert "sparse-mim bench models=[resnet18]" in table  # the command line is on top
+    info = json.loads((out / "results.json").read_text())
+    assert info["machine"]["torch"] == torch.__version__ and info["machine"]["date"]
+    (row,) = info["results"]
+    assert set(row["time_ms"]) == {"encoder", "step"}
+    assert all(row["time_ms"][w][v] > 0 for w in ("encoder", "step") for v in ("sparse", "dense"))
+    assert row["maps_ms"] > 0
+    with (out / "results.csv").open() as f:
+        (csv_row,) = list(csv.DictReader(f))
+    assert csv_row["model"] == "resnet18" and float(csv_row["speedup.encoder"]) > 0
+
+
+def test_sparse_encoder_executes_about_the_visible_fraction_of_the_dense_flops(tiny_run):
+    _, out = tiny_run
+    (row,) = json.loads((out / "results.json").read_text())["results"]
+    assert row["visible_fraction"] == 0.5
+    for part in ("fwd", "fwd_bwd"):
+        sparse, dense = (row["flops"]["encoder"][v][part] for v in ("sparse", "dense"))
+        assert 0 < sparse < dense
+        assert 0.9 * row["visible_fraction"] <= sparse / dense <= 1.15 * row["visible_fraction"]
+    # the step adds the same dense decoder to both, so its ratio lies between the encoder's and 1
+    assert row["flop_ratio"]["encoder"] < row["flop_ratio"]["step"] < 1
+
+
+@pytest.mark.parametrize("groups", [1, 4, 8])
+def test_counted_conv_backward_is_twice_the_forward_for_any_group_count(groups):
+    x = torch.randn(2, 8, 10, 10, requires_grad=True)
+    w = torch.randn(8, 8 // groups, 3, 3, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=CORRECTED_FORMULAS) as counter:
+        y = F.conv2d(x, w, padding=1, groups=groups)
+        forward = counter.get_total_flops()
+        y.sum().backward()
+    assert counter.get_total_flops() - forward == 2 * forward
+
+
+def test_cpu_peak_memory_of_one_variant_is_measured_in_a_fresh_process():
+    spec = WorkloadSpec(model="resnet18", mask_ratio=0.5, batch_size=2, img_size=64, device="cpu", autocast=False,
+                        channels_last=True, execution="auto", decoder_width=32, seed=0)
+    peak = cpu_peak_mb_subprocess(spec, "dense", "encoder", threads=1, timeout=120)
+    assert 0 < peak < 2048
+
+
+def test_bad_settings_are_reported_together_with_exit_code_2(capsys):
+    code = main(["models=[resnet5]", "mask_ratios=[0.99]", "img_size=100", "dtype=fp8"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet5" in err and "img_size" in err and "dtype" in err
