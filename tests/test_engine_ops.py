@@ -175,6 +175,16 @@ def test_batch_norm_statistics_over_active_sites_only(mask_kind, train):
     compare(bn_s, 5, 4, mask, channels_last=True)
 
 
+def test_gathered_rows_batch_norm_of_masked_dense_baseline(monkeypatch):
+    # the CUDA baseline's BatchNorm (gather active rows, native kernel, scatter back), run on CPU
+    from sparse_mim.engine.ops import norm
+    monkeypatch.setattr(norm, "GATHER_MASKED_ROWS", True)
+    bn = SparseBatchNorm2d(5).to(DT)
+    compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
+    bn.eval()
+    compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
+
+
 def test_sync_batch_norm_without_process_group_equals_local():
     mask = patch_mask("random", 2, (2, 3))
     compare(SparseSyncBatchNorm(5).to(DT), 5, 8, mask)

@@ -15,8 +15,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+from .gather import gather_rows
 
 __all__ = ["batch_norm", "layer_norm", "sync_batch_norm_dense"]
+
+#: Masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters back;
+#: tests set this to take that path on CPU as well.
+GATHER_MASKED_ROWS = False
 
 
 def _momentum_and_mode(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[float, bool]:
@@ -93,19 +98,28 @@ def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = 
     if group is None and bn.weight is not None and bn.bias is not None:
         view = _rows(x)
         f = view[0] if view else None
-        if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64):
+        if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) \
+                and not GATHER_MASKED_ROWS:
             factor, _ = _momentum_and_mode(bn)
             rows, count, mask, back = view
             out, mean, var = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, count, mask)
             _update_running(bn, mean, var, count, factor)
             return back(out)
         if isinstance(x, SparseTensor):
-            factor, use_batch = _momentum_and_mode(bn)
-            track = not bn.training or bn.track_running_stats
-            return x.replace(F.batch_norm(x.features, bn.running_mean if track else None,
-                                          bn.running_var if track else None, bn.weight, bn.bias,
-                                          use_batch, factor, bn.eps))
+            return x.replace(_native_rows(x.features, bn))
+        if view and (f.is_cuda or GATHER_MASKED_ROWS):  # SparK's approach: BatchNorm1d on gathered rows
+            rows, count, mask, back = view
+            flat = x.manager.flat_site_index(x.stride)
+            active = _native_rows(gather_rows(rows, flat), bn)
+            return back(rows.new_zeros(rows.shape[0], active.shape[1], dtype=active.dtype).index_copy(0, flat, active))
     return _batch_norm_from_moments(x, bn, group)
+
+
+def _native_rows(rows: torch.Tensor, bn) -> torch.Tensor:
+    factor, use_batch = _momentum_and_mode(bn)
+    track = not bn.training or bn.track_running_stats
+    return F.batch_norm(rows, bn.running_mean if track else None, bn.running_var if track else None,
+                        bn.weight, bn.bias, use_batch, factor, bn.eps)
 
 
 def _update_running(bn, mean, var, count, factor) -> None:

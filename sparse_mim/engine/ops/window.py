@@ -157,6 +157,13 @@ def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) 
         return "gather"
     if path != "auto":
         return path
+    if x.features.is_cuda and _triton_ready():
+        return "implicit_gemm"  # fused gather-GEMM: no halo copies, no im2col buffer
     if x.manager.tiled and geom.kernel[0] == geom.kernel[1]:
         return "tiles"
     return "gather"
+
+
+def _triton_ready() -> bool:
+    from ...kernels import triton_available
+    return triton_available()
