@@ -75,6 +75,12 @@ def test_unreadable_image_is_replaced_by_the_next_readable_one_and_counted(tmp_p
     assert [dataset[i][1] for i in (0, 2)] == [0, 0]
 
 
+def test_truncated_jpeg_counts_as_unreadable(tmp_path):
+    path = make_images(tmp_path, 2, ext=".jpg")[0]
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert ImageFolder(tmp_path, _transform())[0][1] == 1
+
+
 def test_all_images_unreadable_is_an_error_not_a_hang(tmp_path):
     for i in range(3):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"\x00" * 10)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparse_mim import SparseInputError, SparseTensor
-from sparse_mim.engine import PatchCoordinateManager, SparseConv2d
+from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, execution
 
 from conftest import patch_mask
 
@@ -111,8 +111,12 @@ def test_bfloat16_autocast_runs():
     mask = patch_mask("random", 2, (2, 3))
     sp = SparseTensor.from_patch_mask(torch.randn(2, 3, 64, 96), mask)
     conv = SparseConv2d(3, 8, 3, 2, 1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = conv(sp)
-    assert out.features.dtype == torch.bfloat16
-    ref = conv(sp)
-    assert (out.features.float() - ref.features).abs().max() < 0.1 * ref.features.abs().max()
+    for path in ("tiles", "gather", "canvas"):
+        with execution(path), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = conv(sp)
+        assert out.features.dtype == torch.bfloat16
+        out.features.float().square().sum().backward()
+        assert conv.weight.grad.dtype == torch.float32 and torch.isfinite(conv.weight.grad).all()
+        conv.weight.grad = None
+        ref = conv(sp)
+        assert (out.features.float() - ref.features).abs().max() < 0.1 * ref.features.abs().max()

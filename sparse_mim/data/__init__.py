@@ -5,5 +5,5 @@ from .loader import build_loader, check_batch_fits, per_rank_batch, set_epoch
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PretrainTransform, build_transform, denormalize
 
 __all__ = ["IMAGE_EXTENSIONS", "AugmentedImages", "DataError", "ImageFolder", "DemoImages", "build_dataset",
-           "find_images", "build_loader", "check_batch_fits", "per_rank_batch", "set_epoch", "IMAGENET_MEAN", "IMAGENET_STD",
-           "PretrainTransform", "build_transform", "denormalize"]
+           "find_images", "build_loader", "check_batch_fits", "per_rank_batch", "set_epoch", "IMAGENET_MEAN",
+           "IMAGENET_STD", "PretrainTransform", "build_transform", "denormalize"]

@@ -83,8 +83,8 @@ class AugmentedImages(Dataset):
         for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
             try:
                 image = self.load((index + skipped) % n)
-            except (OSError, ValueError, Image.DecompressionBombError):
-                continue  # unreadable: truncated, not an image, or refused by Pillow
+            except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+                continue
             return self.transform(image, generator), skipped
         raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
                         f"could not be read ({self.describe()}); check the files")
@@ -95,13 +95,19 @@ class ImageFolder(AugmentedImages):
 
     def __init__(self, path: str | os.PathLike, transform: Callable, seed: int = 0):
         super().__init__(transform, seed)
-        self.root, self.files = find_images(path)
+        self.root, files = find_images(path)
+        # one numpy array instead of a million Python strings: loader workers share it instead of
+        # copying it page by page as reference counts change
+        self.files = np.array([os.fsencode(f.relative_to(self.root)) for f in files])
 
     def __len__(self) -> int:
         return len(self.files)
 
+    def path(self, index: int) -> Path:
+        return self.root / os.fsdecode(self.files[index])
+
     def load(self, index: int) -> Image.Image:
-        with Image.open(self.files[index]) as image:
+        with Image.open(self.path(index)) as image:
             return image.convert("RGB")
 
     def describe(self) -> str:

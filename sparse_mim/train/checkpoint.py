@@ -27,12 +27,12 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
+from sparse_mim.convert.sources import PRETRAIN_FORMAT as FORMAT
 from sparse_mim.convert.writers import atomic_write
 
 __all__ = ["FORMAT", "CHECKPOINT_NAME", "encoder_export_name", "rng_state", "set_rng_state", "rank_rng_state",
            "save_checkpoint", "save_encoder", "load_checkpoint"]
 
-FORMAT = "sparse-mim/pretrain-v1"
 CHECKPOINT_NAME = "checkpoint.pth"
 
 

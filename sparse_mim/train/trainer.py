@@ -113,6 +113,23 @@ def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, d
             if old.get(k) != new.get(k) and k != "train.max_steps"]
 
 
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any],
+            data_state: Dict[str, int], rank: int, notes: List[str]) -> int:
+    """Load model, optimizer and this rank's generators from ``path``; return the step to continue from."""
+    ckpt = load_checkpoint(path)
+    changed = _check_resumable(ckpt, config, path, data_state)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    saved_rng = rank_rng_state(ckpt["rng"], rank)
+    if saved_rng is not None:  # a rank the checkpoint's run did not have keeps its fresh seed
+        set_rng_state(saved_rng)
+    step = ckpt["step"]
+    notes.append(f"resuming from {path} at step {step} (epoch {step // data_state['steps_per_epoch'] + 1})")
+    if changed:
+        notes.append("changed since the checkpoint: " + "; ".join(changed))
+    return step
+
+
 def _visual_batch(dataset: AugmentedImages, count: int) -> torch.Tensor:
     count = max(1, min(count, len(dataset)))
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
@@ -176,20 +193,10 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
 
     notes = [f"data: {dataset.describe()}; {steps_per_epoch} steps per epoch of {train_cfg['batch_size']} images"
              + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
-    step, resumed_from = 0, None
+    step = resumed_from = None
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        changed = _check_resumable(ckpt, config, ckpt_path, data_state)
-        bare.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        saved_rng = rank_rng_state(ckpt["rng"], info.rank)
-        if saved_rng is not None:
-            set_rng_state(saved_rng)
-        step = resumed_from = ckpt["step"]
-        notes.append(f"resuming from {ckpt_path} at step {step} (epoch {step // steps_per_epoch + 1})")
-        if changed:
-            notes.append("changed since the checkpoint: " + "; ".join(changed))
-        del ckpt
+        step = resumed_from = _resume(ckpt_path, bare, optimizer, config, data_state, info.rank, notes)
+    step = step or 0
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
@@ -201,13 +208,13 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
         monitor.message(note)
     visual = _visual_batch(dataset, train_cfg["vis_images"]).to(info.device) if info.is_main else None
 
-    def save(epochs_done: int) -> None:
+    def save() -> None:
         states = all_gather_objects(rng_state())
         if info.is_main:
+            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
             rng = {**states[0], "other_ranks": states[1:],
-                   "sampler": {**data_state, "epoch": step // steps_per_epoch,
-                               "batch_in_epoch": step % steps_per_epoch}}
-            save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epochs_done, step=step,
+                   "sampler": {**data_state, "epoch": epoch, "batch_in_epoch": batch_in_epoch}}
+            save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epoch, step=step,
                             config=config, arch=arch, rng=rng)
         barrier()
 
@@ -222,17 +229,19 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
         monitor.log_step(metrics, write=metrics["step"] % train_cfg["log_every"] == 0
                          or metrics["step"] == total_steps)
 
-    stop_flag = torch.zeros((), device=info.device)
+    stopped_by: Optional[int] = None
     try:
         with _StopRequest() as stop:
             def stop_requested() -> bool:
-                if not info.distributed:
-                    return stop.signum is not None
-                stop_flag.fill_(stop.signum or 0)  # every rank stops at the same step
-                stop.signum = int(all_reduce_max(stop_flag).item()) or None
-                return stop.signum is not None
+                """Whether any rank got a signal; every rank gets the same answer at the same step."""
+                nonlocal stopped_by
+                signum = stop.signum or 0
+                if info.distributed:
+                    signum = int(all_reduce_max(torch.tensor(signum, device=info.device)).item())
+                stopped_by = signum or None
+                return stopped_by is not None
 
-            while step < total_steps and stop.signum is None:
+            while step < total_steps and stopped_by is None:
                 epoch = step // steps_per_epoch
                 set_epoch(loader, epoch, start_batch=step % steps_per_epoch)
                 monitor.set_description(f"pretrain {arch} epoch {epoch + 1}/{train_cfg['epochs']}")
@@ -244,21 +253,19 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                 if skipped:
                     monitor.message(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s), each replaced by "
                                     f"the next readable one")
-                epoch_done = step % steps_per_epoch == 0
-                save(step // steps_per_epoch)
-                if epoch_done:
+                save()
+                if step % steps_per_epoch == 0:
                     picture(f"epoch_{epoch + 1:04d}", f"{arch}, epoch {epoch + 1}, step {step}")
-                elif stop.signum is not None or step >= total_steps:
+                elif stopped_by is not None or step >= total_steps:
                     picture(f"step_{step:07d}", f"{arch}, epoch {epoch + 1} (partial), step {step}")
-            stopped_by = stop.signum if step < total_steps else None
     finally:
         monitor.close()
 
     if info.is_main:
-        save_loss_curve(output_dir / "metrics.jsonl", output_dir / LOSS_CURVE_NAME,
+        save_loss_curve(monitor.metrics_path, output_dir / LOSS_CURVE_NAME,
                         f"SparK pretraining, {arch}, {data_cfg['img_size']} px")
-        done = f"stopped by signal {stopped_by} at step {step}" if stopped_by else f"finished at step {step}"
-        print(f"{done} of {total_steps}; checkpoint: {ckpt_path}; encoder: "
+        how = f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "finished"
+        print(f"{how} at step {step} of {total_steps}; checkpoint: {ckpt_path}; encoder: "
               f"{output_dir / encoder_export_name(arch)}", flush=True)
     return PretrainResult(output_dir, step, total_steps, resumed_from, losses, time.perf_counter() - start_time,
                           stopped_by)

@@ -39,6 +39,11 @@ def env(threads: int = 1) -> Dict[str, str]:
     return out
 
 
+def console_script() -> str:
+    """The installed ``sparse-mim`` command of this Python environment."""
+    return str(Path(sys.executable).with_name("sparse-mim"))
+
+
 def pretrain_cmd(*overrides: str) -> List[str]:
     return [sys.executable, "-m", "sparse_mim", "pretrain", *overrides]
 

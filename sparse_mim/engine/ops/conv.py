@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, gather_tiles,
-                     tile_rows)
+from .window import WindowGeometry, canvas_rows, choose_path, gather_neighbors, tile_index
 
 __all__ = ["conv2d"]
 
@@ -28,10 +27,8 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         return _pointwise(x, weight, bias, geom, out_stride)
     path = choose_path(x, geom, depthwise=groups > 1 and groups == x.num_channels)
     if path == "tiles":
-        t_out = x.manager.tile_side(out_stride)
-        tiles = gather_tiles(x, geom)
-        out = F.conv2d(tiles, weight, bias, geom.stride, 0, geom.dilation, groups)
-        rows = tile_rows(out, t_out)
+        rows = _TileConv.apply(x.features, weight, bias, tile_index(x, geom), geom, groups,
+                               x.manager.tile_side(out_stride))
     elif path == "canvas":
         dense = _dense_conv(x.dense(), weight, bias, geom, groups)
         rows = canvas_rows(dense, x, out_stride)
@@ -40,6 +37,59 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
     else:
         rows = _gather_conv(gather_neighbors(x, geom), weight, bias, groups)
     return SparseTensor(rows, manager=x.manager, stride=out_stride)
+
+
+def _padded_tiles(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    t = index.shape[1]
+    ext = torch.cat([features, features.new_zeros(1, features.shape[1])])
+    return ext.index_select(0, index.reshape(-1)).view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)
+
+
+class _TileConv(torch.autograd.Function):
+    """Convolution of halo-padded tiles (VALID), saving the rows instead of the padded tiles.
+
+    The padded tiles are 1.6x (stride 4) to 9x (stride 32) the size of the rows they come from; the
+    backward pass gathers them again, which costs one copy and keeps the memory of a sparse encoder
+    proportional to its active sites.
+    """
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, index, geom: WindowGeometry, groups: int, t_out: int):
+        device = features.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
+        with torch.autocast(device, enabled=False):  # cast once, as autocast's conv2d would
+            tiles = _padded_tiles(features.to(dtype), index)
+            weight_c = weight.to(dtype)
+            out = F.conv2d(tiles, weight_c, None if bias is None else bias.to(dtype), geom.stride, 0,
+                           geom.dilation, groups)[:, :, :t_out, :t_out]
+        ctx.save_for_backward(features, weight_c, index)
+        ctx.conf = (geom, groups, out.shape, bias is not None, weight.dtype,
+                    None if bias is None else bias.dtype, dtype)
+        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        features, weight, index = ctx.saved_tensors
+        geom, groups, out_shape, has_bias, w_dtype, b_dtype, dtype = ctx.conf
+        tiles = _padded_tiles(features.to(dtype), index)
+        n, c_out, t_out, _ = out_shape
+        full = (tiles.shape[-1] - geom.dilation[0] * (geom.kernel[0] - 1) - 1) // geom.stride + 1
+        grad = grad_rows.reshape(n, t_out, t_out, c_out).permute(0, 3, 1, 2)
+        if full != t_out:  # outputs cropped in forward get zero gradient
+            grad = F.pad(grad, (0, full - t_out, 0, full - t_out))
+        grad = grad.to(tiles.dtype)
+        g_tiles, g_w, g_b = torch.ops.aten.convolution_backward(
+            grad, tiles, weight, [c_out] if has_bias else None, [geom.stride] * 2, [0, 0],
+            list(geom.dilation), False, [0, 0], groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+        g_features = None
+        if g_tiles is not None:
+            rows = g_tiles.permute(0, 2, 3, 1).reshape(-1, g_tiles.shape[1])
+            acc = rows.new_zeros(features.shape[0] + 1, rows.shape[1])
+            acc.index_put_((index.reshape(-1),), rows, accumulate=True)
+            g_features = acc[:-1].to(features.dtype)
+        return (g_features, None if g_w is None else g_w.to(w_dtype),
+                None if g_b is None else g_b.to(b_dtype), None, None, None, None)
 
 
 def _dense_conv(dense, weight, bias, geom: WindowGeometry, groups):
@@ -78,7 +128,7 @@ def _gather_conv(neigh: torch.Tensor, weight, bias, groups) -> torch.Tensor:
         g = groups
         w = weight.view(g, c_out // g, c_in // g, k)
         out = torch.einsum("nkgc,gock->ngo", neigh.view(n, k, g, c_in // g), w).reshape(n, c_out)
-    return out if bias is None else out + bias
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def _implicit_gemm(x: SparseTensor, weight, bias, geom, groups) -> torch.Tensor:

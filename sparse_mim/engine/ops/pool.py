@@ -23,7 +23,16 @@ __all__ = ["max_pool2d", "avg_pool2d"]
 
 
 def _padded(dense: torch.Tensor, geom: WindowGeometry, value: float) -> torch.Tensor:
-    return F.pad(dense, (geom.pad_lo[1], geom.pad_hi[1], geom.pad_lo[0], geom.pad_hi[0]), value=value)
+    out = F.pad(dense, (geom.pad_lo[1], geom.pad_hi[1], geom.pad_lo[0], geom.pad_hi[0]), value=value)
+    return out.contiguous(memory_format=torch.channels_last) \
+        if dense.is_contiguous(memory_format=torch.channels_last) else out
+
+
+def _dense_max_pool(dense: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
+    """Max pool with -inf padding (max_pool2d's own padding is -inf when it is symmetric)."""
+    if geom.pad_lo == geom.pad_hi and all(2 * p <= k for p, k in zip(geom.pad_lo, geom.kernel)):
+        return F.max_pool2d(dense, geom.kernel, geom.stride, geom.pad_lo, geom.dilation)
+    return F.max_pool2d(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
 
 
 def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
@@ -32,7 +41,7 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
     if isinstance(x, MaskedDenseTensor):
         active = x.active_mask()[:, None]
         filled = x.dense_features.masked_fill(~active, float("-inf"))
-        out = F.max_pool2d(_padded(filled, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
+        out = _dense_max_pool(filled, geom)
         out_active = x.manager.active_mask(out_stride)[:, None]
         return MaskedDenseTensor(torch.where(out_active, out, torch.zeros_like(out)), x.manager, out_stride)
     path = choose_path(x, geom)
@@ -42,7 +51,7 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
         rows = tile_rows(out, x.manager.tile_side(out_stride))
     elif path == "canvas":
         dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
-        out = F.max_pool2d(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
+        out = _dense_max_pool(dense, geom)
         rows = canvas_rows(out, x, out_stride)
     else:
         rows = gather_neighbors(x, geom, fill=float("-inf")).amax(1)

@@ -117,13 +117,17 @@ def _with_sentinel(manager, key, index: torch.Tensor, n_rows: int) -> torch.Tens
                           lambda: torch.where(index < 0, torch.full_like(index, n_rows), index))
 
 
-def gather_tiles(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> torch.Tensor:
-    """(n_tiles, C, T, T) channels_last batch of padded tiles (halo from neighbours, ``fill`` if inactive)."""
+def tile_index(x: SparseTensor, geom: WindowGeometry) -> torch.Tensor:
+    """(n_tiles, T, T) rows of each padded tile; ``N`` (the fill row) where inactive. Cached per batch."""
     lo, hi = geom.halo()
     m = x.manager
-    index = m.tile_gather_index(x.stride, lo, hi)
-    n = x.features.shape[0]
-    index = _with_sentinel(m, ("tiles", x.stride, lo, hi), index, n)
+    return _with_sentinel(m, ("tiles", x.stride, lo, hi), m.tile_gather_index(x.stride, lo, hi),
+                          x.features.shape[0])
+
+
+def gather_tiles(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> torch.Tensor:
+    """(n_tiles, C, T, T) channels_last batch of padded tiles (halo from neighbours, ``fill`` if inactive)."""
+    index = tile_index(x, geom)
     t = index.shape[1]
     rows = gather_rows(x.features, index.reshape(-1), fill)
     return rows.view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)

@@ -1,0 +1,295 @@
+"""Pretraining: SparK's schedules and optimizer, config checks before training, checkpoints, NaN
+handling, exact resume after a kill or a signal, and the ``sparse-mim pretrain`` command."""
+from __future__ import annotations
+
+import hashlib
+import math
+import signal
+import subprocess
+import time
+
+import pytest
+import timm
+import torch
+from helpers.runs import TINY, console_script, env, make_images, metrics, pretrain_cmd, run
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from backbones import create_backbone
+from sparse_mim.data import DataError
+from sparse_mim.spark import SparK, build_spark
+from sparse_mim.train import (ConfigError, NonFiniteLossError, Schedule, apply_schedule, build_optimizer,
+                              compose_config, lamb_betas, load_checkpoint, peak_lr, pretrain)
+
+
+# -- schedules ----------------------------------------------------------------------------------
+@pytest.fixture
+def schedule():
+    # 4 epochs x 5 steps, 1 warmup epoch: warmup steps 0-4, cosine over steps 5-19
+    return Schedule.from_epochs(base_lr=2e-4, global_batch=4096, epochs=4, warmup_epochs=1, steps_per_epoch=5,
+                                weight_decay=0.04, weight_decay_end=0.2)
+
+
+def test_peak_lr_scales_base_lr_by_global_batch_over_256():
+    assert peak_lr(2e-4, 4096) == pytest.approx(3.2e-3)
+    assert peak_lr(4e-4, 2048) == pytest.approx(3.2e-3)
+
+
+def test_lr_warms_up_linearly_from_half_a_percent_of_the_peak(schedule):
+    peak = 3.2e-3
+    assert schedule.lr(0) == pytest.approx(0.005 * peak)
+    assert schedule.lr(2) == pytest.approx(0.005 * peak + 0.995 * peak * 2 / 5)
+    assert schedule.lr(5) == pytest.approx(peak)
+
+
+def test_lr_follows_a_cosine_to_a_thousandth_of_the_peak_at_the_last_step(schedule):
+    peak, final = 3.2e-3, 3.2e-6
+    assert schedule.lr(12) == pytest.approx((peak + final) / 2)  # halfway through steps 5..19
+    assert schedule.lr(8) == pytest.approx(final + (peak - final) * 0.5 * (1 + math.cos(math.pi * 3 / 14)))
+    assert schedule.lr(19) == pytest.approx(final)
+    lrs = [schedule.lr(s) for s in range(5, 20)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_weight_decay_follows_a_cosine_from_0_04_up_to_0_2(schedule):
+    assert schedule.wd(0) == pytest.approx(0.04)
+    assert schedule.wd(19) == pytest.approx(0.2)
+    assert schedule.wd(7) == pytest.approx(0.2 + (0.04 - 0.2) * 0.5 * (1 + math.cos(math.pi * 7 / 19)))
+
+
+# -- optimizer ----------------------------------------------------------------------------------
+def test_lamb_uses_resnet_betas_eps_1e6_and_schedules_weight_decay_of_decaying_groups_only():
+    model = build_spark("resnet18", decoder_width=64)
+    optimizer = build_optimizer(model, lr=0.0, weight_decay=0.04)
+    assert type(optimizer).__name__ == "Lamb"
+    decay, no_decay = optimizer.param_groups
+    assert decay["betas"] == (0.9, 0.95) and decay["eps"] == 1e-6
+    assert all(p.ndim > 1 for p in decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    skipped = {names[id(p)] for p in no_decay["params"]}
+    assert {"mask_tokens.0", "encoder.bn1.weight", "encoder.bn1.bias"} <= skipped
+    apply_schedule(optimizer, lr=1e-3, wd=0.1)
+    assert (decay["lr"], decay["weight_decay"]) == (1e-3, 0.1)
+    assert (no_decay["lr"], no_decay["weight_decay"]) == (1e-3, 0.0)
+
+
+def test_lamb_betas_come_from_the_backbone_family():
+    assert lamb_betas(create_backbone("resnet50")) == (0.9, 0.95)
+    assert lamb_betas(create_backbone("convnext_tiny")) == (0.9, 0.999)
+
+
+# -- in-process runs ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    make_images(folder, 8)
+    return folder
+
+
+def _config(images, output_dir, *overrides):
+    return compose_config([*TINY, f"data.path={images}", f"output_dir={output_dir}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished_run(images, tmp_path_factory):
+    """One epoch (2 steps) of the tiny run, in this process."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    result = pretrain(_config(images, out, "train.epochs=1"))
+    return out, result
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.img_size=48"], "multiple of 32"),
+    (["mask_ratio=0"], "strictly between 0 and 1"),
+    (["mask_ratio=1.0"], "strictly between 0 and 1"),
+    (["mask_ratio=0.9"], "leaves no visible patch"),  # 64 px: 4 patches, round(0.4) = 0 visible
+    (["mask_ratio=0.1"], "leaves no masked patch"),   # round(3.6) = 4 visible
+    (["model=resnet51"], "unknown model 'resnet51'"),
+    (["train.batch_size=0"], "positive integer"),
+    (["train.warmup_epochs=5", "train.epochs=2"], "warmup_epochs"),
+])
+def test_invalid_settings_are_refused_before_anything_runs(images, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        pretrain(_config(images, tmp_path / "run", *overrides))
+    assert not (tmp_path / "run").exists()
+
+
+def test_global_batch_not_divisible_by_the_world_size_is_refused(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="divide evenly over the 3 processes"):
+        pretrain(_config(images, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_missing_or_empty_data_path_is_refused_naming_it(tmp_path, make):
+    data = tmp_path / "data"
+    if make == "empty":
+        data.mkdir()
+    with pytest.raises(DataError, match="does not exist" if make == "missing" else "no images found") as e:
+        pretrain(_config(data, tmp_path / "run"))
+    assert str(data) in str(e.value) and not (tmp_path / "run").exists()
+
+
+def test_a_run_leaves_checkpoint_encoder_export_metrics_and_pictures(finished_run):
+    out, result = finished_run
+    assert result.finished and result.step == 2 and len(result.losses) == 2
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"checkpoint.pth", "encoder_resnet18.safetensors", "metrics.jsonl", "loss_curve.png", "config.yaml",
+            "reconstructions/epoch_0001.png"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    assert not [n for n in names if n.endswith(".tmp")]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "wd", "grad_norm", "images_per_sec"}
+    assert Image.open(out / "reconstructions" / "epoch_0001.png").size[0] > 100
+
+
+def test_checkpoint_holds_plain_resumable_state_readable_without_pickle(finished_run):
+    out, _ = finished_run
+    ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
+    assert ckpt["format"] == "sparse-mim/pretrain-v1" and ckpt["arch"] == "resnet18"
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 2)
+    assert ckpt["config"]["train"]["batch_size"] == 4 and isinstance(ckpt["config"], dict)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert {"encoder.conv1.weight", "mask_tokens.0", "decoder.head.weight"} & set(ckpt["model"])
+    assert {"torch", "cuda", "numpy", "python", "sampler"} <= set(ckpt["rng"])
+    assert ckpt["rng"]["sampler"]["steps_per_epoch"] == 2 and ckpt["optimizer"]["state"]
+
+
+def test_encoder_export_has_timm_keys_and_loads_into_timm(finished_run):
+    out, _ = finished_run
+    path = out / "encoder_resnet18.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["arch"] == "resnet18"
+    weights = load_file(str(path))
+    model = timm.create_model("resnet18", pretrained=False)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    assert torch.equal(weights["conv1.weight"], ckpt["model"]["encoder.conv1.weight"])
+
+
+def test_resuming_with_another_model_is_refused_and_the_checkpoint_kept(finished_run):
+    out, _ = finished_run
+    before = hashlib.sha256((out / "checkpoint.pth").read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match="pretrained with model=resnet18"):
+        pretrain(compose_config([*TINY, "model=resnet34", f"output_dir={out}", "train.epochs=3",
+                                 f"data.path={load_checkpoint(out / 'checkpoint.pth')['config']['data']['path']}"]))
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        pretrain(compose_config([*TINY, "train.batch_size=8", f"output_dir={out}", "train.epochs=3",
+                                 f"data.path={load_checkpoint(out / 'checkpoint.pth')['config']['data']['path']}"]))
+    assert hashlib.sha256((out / "checkpoint.pth").read_bytes()).hexdigest() == before
+
+
+def test_nan_loss_stops_naming_step_and_epoch_and_keeps_the_last_good_checkpoint(images, tmp_path, monkeypatch):
+    real_forward = SparK.forward
+    calls = []
+
+    def forward(self, images, active=None):
+        out = real_forward(self, images, active)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 2:  # one step per epoch: step 2 is epoch 2
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(SparK, "forward", forward)
+    out = tmp_path / "run"
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 2 \(epoch 2\)"):
+        pretrain(_config(images, out, "train.batch_size=8", "train.epochs=3"))
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 1  # epoch 1's, not overwritten
+    assert [r["step"] for r in metrics(out)] == [1]
+
+
+def test_unreadable_images_are_counted_once_per_epoch(images, tmp_path, capsys):
+    data = tmp_path / "data"
+    make_images(data, 8)
+    (data / "img_003.png").write_bytes(b"broken")
+    pretrain(_config(data, tmp_path / "run", "train.batch_size=8", "train.epochs=2"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert lines == [f"epoch {e}: skipped 1 unreadable image(s), each replaced by the next readable one"
+                     for e in (1, 2)]
+
+
+# -- resume (subprocesses) ----------------------------------------------------------------------
+RESUME_ARGS = ("train.epochs=5", "train.deterministic=true")  # 10 steps, checkpoints at steps 2, 4, ...
+
+
+@pytest.fixture(scope="module")
+def reference_losses(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run(pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}"))
+    assert proc.returncode == 0, proc.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    return [r["loss"] for r in rows]
+
+
+def _start_and_stop_after(cmd, out, step, send):
+    """Start ``cmd``, wait until metrics.jsonl shows ``step``, then ``send(process)``."""
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and any(r["step"] >= step for r in metrics(out)):
+            send(proc)
+            break
+        time.sleep(0.01)
+    stdout, stderr = proc.communicate(timeout=240)
+    return proc.returncode, stdout + stderr
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(images, tmp_path, reference_losses):
+    out = tmp_path / "run"
+    cmd = pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}")
+    code, log = _start_and_stop_after(cmd, out, 3, lambda p: p.kill())  # epoch 2 is running
+    assert code == -signal.SIGKILL, log
+    saved = load_checkpoint(out / "checkpoint.pth")["step"]
+    assert saved in (2, 4, 6, 8), "the kill must land after a checkpoint and before the end"
+
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming from {out / 'checkpoint.pth'} at step {saved}" in proc.stdout + proc.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    assert [r["loss"] for r in rows] == reference_losses
+
+
+def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_rerun_continues_exactly(
+        images, tmp_path, reference_losses):
+    out = tmp_path / "run"
+    cmd = pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}")
+    code, log = _start_and_stop_after(cmd, out, 3, lambda p: p.send_signal(signal.SIGTERM))
+    assert code == 128 + signal.SIGTERM, log
+    saved = load_checkpoint(out / "checkpoint.pth")["step"]
+    assert 3 <= saved < 10 and saved == metrics(out)[-1]["step"]
+
+    proc = run(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["loss"] for r in metrics(out)] == reference_losses
+
+
+# -- the command --------------------------------------------------------------------------------
+def test_cli_pretrain_with_defaults_writes_checkpoint_export_metrics_and_pictures(tmp_path):
+    out = tmp_path / "run"
+    proc = run([console_script(), "pretrain", "train.max_steps=3", f"output_dir={out}"])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("checkpoint.pth", "encoder_resnet18.safetensors", "metrics.jsonl", "loss_curve.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "reconstructions").glob("*.png"))
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3]
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    proc = run(pretrain_cmd("data.img_size=100", f"output_dir={tmp_path / 'run'}"))
+    assert proc.returncode == 2
+    assert "sparse-mim pretrain: error:" in proc.stderr and "multiple of 32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_help_lists_the_commands():
+    from sparse_mim.cli import main
+
+    assert main(["--help"]) == 0
+    assert main(["frobnicate"]) == 2
