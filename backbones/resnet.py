@@ -25,10 +25,10 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = SparseConv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = SparseBatchNorm2d(planes)
-        self.act1 = SparseReLU()
+        self.act1 = SparseReLU(inplace=True)
         self.conv2 = SparseConv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = SparseBatchNorm2d(planes)
-        self.act2 = SparseReLU()
+        self.act2 = SparseReLU(inplace=True)
         self.downsample = downsample
         self.drop_path = _drop(drop_path)
 
@@ -51,13 +51,13 @@ class Bottleneck(nn.Module):
         out = planes * self.expansion
         self.conv1 = SparseConv2d(inplanes, width, 1, bias=False)
         self.bn1 = SparseBatchNorm2d(width)
-        self.act1 = SparseReLU()
+        self.act1 = SparseReLU(inplace=True)
         self.conv2 = SparseConv2d(width, width, 3, stride, 1, bias=False)  # timm: stride in the 3x3
         self.bn2 = SparseBatchNorm2d(width)
-        self.act2 = SparseReLU()
+        self.act2 = SparseReLU(inplace=True)
         self.conv3 = SparseConv2d(width, out, 1, bias=False)
         self.bn3 = SparseBatchNorm2d(out)
-        self.act3 = SparseReLU()
+        self.act3 = SparseReLU(inplace=True)
         self.downsample = downsample
         self.drop_path = _drop(drop_path)
 
@@ -81,7 +81,7 @@ class SparseResNet(SparseBackbone):
         super().__init__()
         self.conv1 = SparseConv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = SparseBatchNorm2d(64)
-        self.act1 = SparseReLU()
+        self.act1 = SparseReLU(inplace=True)
         self.maxpool = SparseMaxPool2d(3, 2, 1)
         total = sum(layers)
         index = 0

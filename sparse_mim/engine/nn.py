@@ -172,7 +172,8 @@ class SparseActivation(nn.Module):
 
 class SparseReLU(SparseActivation):
     def __init__(self, inplace: bool = False):
-        super().__init__(F.relu)
+        super().__init__(F.relu_ if inplace else F.relu)
+        self.inplace = inplace
 
 
 class SparseReLU6(SparseActivation):

@@ -163,9 +163,12 @@ def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) 
         return path
     if x.features.is_cuda and _triton_ready():
         return "implicit_gemm"  # fused gather-GEMM: no halo copies, no im2col buffer
-    if x.manager.tiled and geom.kernel[0] == geom.kernel[1]:
+    # CPU, measured (benchmarks/RESULTS.md): halo tiles win while tiles are large (t >= 4, halo
+    # overhead <= 2.25x); on 2x2 / 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather
+    # their neighbours into one GEMM and depthwise convs run on the (small) dense canvas instead.
+    if x.manager.tiled and geom.kernel[0] == geom.kernel[1] and x.manager.tile_side(x.stride) >= 4:
         return "tiles"
-    return "gather"
+    return "canvas" if depthwise else "gather"
 
 
 def _triton_ready() -> bool:
