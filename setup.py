@@ -6,8 +6,11 @@ setup(
     version="0.1.0",
     description="SparK-style masked image modeling for CNNs with a genuinely sparse encoder",
     python_requires=">=3.10",
-    packages=find_packages(include=["sparse_mim", "sparse_mim.*", "backbones", "backbones.*"]),
-    package_data={"sparse_mim": ["configs/*.yaml", "configs/**/*.yaml"]},
+    packages=find_packages(include=["sparse_mim", "sparse_mim.*", "backbones", "backbones.*"])
+    + ["sparse_mim._configs"],
+    # the top-level configs/ folder ships inside the package for regular (non-editable) installs
+    package_dir={"sparse_mim._configs": "configs"},
+    package_data={"sparse_mim._configs": ["*.yaml", "preset/*.yaml"]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

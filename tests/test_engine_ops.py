@@ -269,3 +269,14 @@ def test_implicit_gemm_path_matches_masked_dense(kernel, stride, padding, groups
     g = 5 if groups == "dw" else 1
     conv = SparseConv2d(5, 5 if g == 5 else 6, kernel, stride, padding, groups=g).to(DT)
     compare(conv, 5, 4, patch_mask("random", 2, (2, 3)), "implicit_gemm")
+
+
+def test_convert_sync_batchnorm_keeps_dtype_values_and_sparse_semantics():
+    from sparse_mim.engine import convert_sync_batchnorm
+    model = torch.nn.Sequential(SparseBatchNorm2d(5), torch.nn.BatchNorm2d(5)).to(DT)
+    with torch.no_grad():
+        model[0].running_mean.fill_(0.3)
+    synced = convert_sync_batchnorm(model)
+    assert all(isinstance(m, SparseSyncBatchNorm) for m in synced)
+    assert synced[0].weight.dtype == DT and synced[1].running_var.dtype == DT
+    assert torch.equal(synced[0].running_mean, model[0].running_mean)

@@ -1,7 +1,7 @@
 """The benchmark config: ``configs/bench.yaml`` composed by Hydra, checked, and resolved to a device.
 
-``configs/`` sits at the repository root beside the ``sparse_mim`` package (as for pretraining), so
-``sparse-mim bench key=value`` works from any folder.
+``configs/`` is found by ``sparse_mim.configs`` (as for pretraining), so ``sparse-mim bench key=value``
+works from any folder.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from ..configs import compose, config_dir
+
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
 WHAT = ("encoder", "step")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -60,19 +62,7 @@ class BenchSettings:
 
 def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``configs/bench.yaml`` with Hydra ``key=value`` overrides applied."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not (CONFIG_DIR / f"{CONFIG_NAME}.yaml").is_file():
-        raise BenchConfigError(f"no {CONFIG_NAME}.yaml in {CONFIG_DIR}; the benchmark needs the repository's "
-                               f"configs/ folder beside the sparse_mim package")
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="sparse-mim-bench"):
-            return compose(config_name=CONFIG_NAME, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise BenchConfigError(f"{e}\n(overrides are key=value with keys from {CONFIG_DIR / CONFIG_NAME}.yaml, "
-                               f"lists as models=[resnet50,convnext_tiny])") from None
+    return compose(CONFIG_NAME, overrides, BenchConfigError, ", lists as models=[resnet50,convnext_tiny]")
 
 
 def _is_int(v) -> bool:

@@ -26,7 +26,7 @@ from .errors import ConversionError
 PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
 ENCODER_PREFIX = "encoder."
 # Top-level entries that describe a checkpoint rather than hold weights: never reported as dropped.
-_METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config"})
+_METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config", "rng"})
 _WRAPPER_KEYS = ("model", "state_dict")
 _PARALLEL_PREFIXES = ("module.", "_orig_mod.")
 

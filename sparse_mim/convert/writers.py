@@ -14,19 +14,38 @@ from .errors import ConversionError
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
+def _fsync_file(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not every platform opens folders
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call `write(tmp_path)` to create a temporary file beside `path`, then rename it over `path`
-    (an atomic replace on the same filesystem)."""
+    """Call `write(tmp_path)` to create a temporary file beside `path`, fsync it, then rename it over
+    `path` (an atomic replace on the same filesystem) and fsync the folder: a crash leaves either the
+    old file or the new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"))
     try:
         write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
 
 

@@ -201,7 +201,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
                                    module.track_running_stats, process_group)
         out.load_state_dict(module.state_dict())
         out.train(module.training)
-        out = out.to(module.weight.device if module.weight is not None else "cpu")
+        like = module.weight if module.weight is not None else module.running_mean
+        if like is not None:
+            out = out.to(device=like.device, dtype=like.dtype)
     for name, child in module.named_children():
         out.add_module(name, convert_sync_batchnorm(child, process_group))
     return out

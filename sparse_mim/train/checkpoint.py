@@ -69,38 +69,11 @@ def rank_rng_state(rng: Mapping[str, Any], rank: int) -> Optional[Mapping[str, A
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not every platform opens folders
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _durable_write(path: Path, write) -> Path:
-    """``atomic_write`` whose temporary file reaches the disk before the rename, and the rename too."""
-    def write_and_sync(tmp: str) -> None:
-        write(tmp)
-        _fsync(tmp)
-
-    atomic_write(path, write_and_sync)
-    _fsync_dir(path.parent)
-    return path
-
-
 def save_encoder(encoder: torch.nn.Module, path: str | os.PathLike, arch: str) -> Path:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
-    return _durable_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"arch": arch,
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"arch": arch,
                                                                                      "key_names": "timm"}))
 
 
@@ -113,7 +86,7 @@ def save_checkpoint(output_dir: str | os.PathLike, *, model: torch.nn.Module, op
     output_dir = Path(output_dir)
     ckpt = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": int(epoch), "step": int(step), "config": config, "arch": arch, "rng": rng}
-    path = _durable_write(output_dir / CHECKPOINT_NAME, lambda tmp: torch.save(ckpt, tmp))
+    path = atomic_write(output_dir / CHECKPOINT_NAME, lambda tmp: torch.save(ckpt, tmp))
     save_encoder(model.encoder, output_dir / encoder_export_name(arch), arch)
     return path
 

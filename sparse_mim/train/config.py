@@ -1,18 +1,19 @@
 """The pretraining config: composed by Hydra from ``configs/`` and checked before anything runs.
 
-``configs/`` sits at the repository root, beside the ``sparse_mim`` package, and is found from this
-file's location, so ``sparse-mim pretrain key=value`` works from any folder and under torchrun.
+``configs/`` is found by ``sparse_mim.configs`` (the repository's folder, or the installed copy), so
+``sparse-mim pretrain key=value`` works from any folder and under torchrun.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..configs import compose, config_dir
+
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten"]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = config_dir()
 
 
 class ConfigError(ValueError):
@@ -21,19 +22,8 @@ class ConfigError(ValueError):
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain") -> DictConfig:
     """``configs/<config_name>.yaml`` with Hydra command-line ``overrides`` (``key=value``) applied."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not (CONFIG_DIR / f"{config_name}.yaml").is_file():
-        raise ConfigError(f"no config {config_name!r} in {CONFIG_DIR}")
-    try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="sparse-mim"):
-            return compose(config_name=config_name, overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"{e}\n(overrides are key=value with keys from {CONFIG_DIR / config_name}.yaml; "
-                          f"presets: {', '.join(sorted(p.stem for p in (CONFIG_DIR / 'preset').glob('*.yaml')))})"
-                          ) from None
+    presets = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "preset").glob("*.yaml")))
+    return compose(config_name, overrides, ConfigError, f"; presets: {presets}")
 
 
 def to_plain(cfg: DictConfig) -> Dict[str, Any]:

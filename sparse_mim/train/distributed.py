@@ -70,9 +70,7 @@ def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = True) -> nn.Mod
     if not info.distributed:
         return model
     if sync_bn:
-        dtype = next(model.parameters()).dtype
-        # the converted norms are created in the default dtype: give them the model's dtype back
-        model = convert_sync_batchnorm(model).to(dtype)
+        model = convert_sync_batchnorm(model)
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
