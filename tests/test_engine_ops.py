@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparse_mim.engine import (MaskedDenseTensor, PatchCoordinateManager, SiteCoordinateManager,
+from sparse_mim.engine import (MaskedDenseTensor, PatchCoordinateManager, SiteCoordinateManager, WindowGeometry,
                                SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseGELU,
                                SparseGlobalAvgPool, SparseGRN, SparseLayerNorm, SparseLinear,
                                SparseMaxPool2d, SparseReLU, SparseSyncBatchNorm, SparseTensor, execution)
@@ -280,3 +280,17 @@ def test_convert_sync_batchnorm_keeps_dtype_values_and_sparse_semantics():
     assert all(isinstance(m, SparseSyncBatchNorm) for m in synced)
     assert synced[0].weight.dtype == DT and synced[1].running_var.dtype == DT
     assert torch.equal(synced[0].running_mean, model[0].running_mean)
+
+
+def test_auto_execution_follows_the_measured_rules():
+    from sparse_mim.engine.ops.window import auto_path
+    g3 = WindowGeometry.make(3, 1, 1)
+    g2s2 = WindowGeometry.make(2, 2, 0)
+    g7 = WindowGeometry.make(7, 1, 3)
+    assert auto_path(g3, False, 8, cuda=False) == "tiles"
+    assert auto_path(g3, False, 2, cuda=False) == "gather"
+    assert auto_path(g7, True, 1, cuda=False) == "canvas"
+    assert auto_path(g3, False, 0, cuda=False) == "gather"  # arbitrary coordinates
+    assert auto_path(g3, False, 2, cuda=True) == "tiles"
+    assert auto_path(g7, True, 8, cuda=True) == "implicit_gemm"
+    assert auto_path(g2s2, False, 8, cuda=True) == "implicit_gemm"

@@ -1,9 +1,8 @@
 """Executed FLOPs: counted from the ops that actually run, with ``torch.utils.flop_counter``.
 
-The counter sees every aten convolution / matmul, so on a CPU (the engine runs ``F.conv2d`` and
-``F.linear``) the sparse count is complete. Custom Triton kernels (``sparse_mim.kernels``, used by
-``execution=implicit_gemm`` on CUDA) are invisible to it and expose no FLOP hook, so such counts miss
-those convolutions; ``flops_complete`` says whether a count can be trusted.
+The counter sees every aten convolution / matmul. Custom Triton kernels (``sparse_mim.kernels``, the
+implicit-GEMM path on CUDA) are invisible to it, so they tally their own executed FLOPs (2 x valid
+kernel-map entries x C_in x C_out per pass) inside ``count_triton_flops`` and the two are added.
 
 torch's formula for ``aten.convolution_backward`` ignores ``groups`` in the weight-gradient term
 (it counts a depthwise 7x7 conv's weight gradient C times over, making ConvNeXt's backward ~4x too
@@ -19,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from .workload import Workload
 
-__all__ = ["count_flops", "flops_complete"]
+__all__ = ["count_flops"]
 
 
 def _conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
@@ -38,20 +37,14 @@ CORRECTED_FORMULAS = {torch.ops.aten.convolution_backward: _conv_backward_flops}
 
 def count_flops(workload: Workload, variant: str, what: str, active: torch.Tensor) -> Dict[str, int]:
     """``{"fwd": ..., "bwd": ..., "fwd_bwd": ...}`` FLOPs of one iteration (one untimed run)."""
+    from sparse_mim.kernels import count_triton_flops
+
     workload.prepare(variant)
-    with FlopCounterMode(display=False, custom_mapping=CORRECTED_FORMULAS) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CORRECTED_FORMULAS) as counter, \
+            count_triton_flops() as triton_flops:
         loss = workload.forward(variant, what, active)
-        forward = counter.get_total_flops()
+        forward = counter.get_total_flops() + triton_flops()
         loss.backward()
-        total = counter.get_total_flops()
+        total = counter.get_total_flops() + triton_flops()
     workload.prepare(variant)
     return {"fwd": int(forward), "bwd": int(total - forward), "fwd_bwd": int(total)}
-
-
-def flops_complete(execution: str, device: torch.device) -> bool:
-    """False where sparse convolutions run in Triton kernels the counter cannot see."""
-    if device.type != "cuda" or execution != "implicit_gemm":
-        return True
-    from sparse_mim.kernels import triton_available
-
-    return not triton_available()

@@ -74,7 +74,6 @@ def _flop_table(rows: List[Dict[str, Any]]) -> List[str]:
     head = ["model", "mask", "ideal (visible fraction)"]
     for _, _, label in columns:
         head += [f"{label} sparse GFLOP", f"{label} dense GFLOP", f"{label} ratio"]
-    head += ["counter sees all ops"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['mask_ratio']:g}", f"{r['visible_fraction']:.3f}"]
@@ -82,7 +81,6 @@ def _flop_table(rows: List[Dict[str, Any]]) -> List[str]:
             sparse, dense = _get(r, "flops", what, "sparse", part), _get(r, "flops", what, "dense", part)
             ratio = sparse / dense if sparse is not None and dense else None
             cells += [_num(sparse and sparse / GIGA), _num(dense and dense / GIGA), _num(ratio, "{:.3f}")]
-        cells.append("yes" if r["flops_complete"] else "no: Triton kernels uncounted")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

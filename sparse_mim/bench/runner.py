@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List
 import torch
 
 from .config import BenchSettings
-from .flops import count_flops, flops_complete
+from .flops import count_flops
 from .maps import map_building_ms
 from .memory import peak_memory_mb
 from .timing import median_ms, time_variants
@@ -40,7 +40,6 @@ def run_configuration(settings: BenchSettings, model: str, mask_ratio: float,
     row: Dict[str, Any] = {"model": model, "mask_ratio": mask_ratio, "batch_size": spec.batch_size,
                            "img_size": spec.img_size, "num_patches": spec.num_patches, "len_keep": spec.len_keep,
                            "visible_fraction": spec.visible_fraction,
-                           "flops_complete": flops_complete(settings.execution, settings.device),
                            "flops": {}, "time_ms": {}, "times_ms": {}, "speedup": {}, "flop_ratio": {},
                            "memory_mb": {}}
 

@@ -4,7 +4,8 @@
 float32/float16/bfloat16 and the pure-PyTorch reference (``reference.py``) otherwise.
 """
 from .reference import gather_conv_reference, gather_depthwise_reference
-from .triton_conv import gather_conv, gather_depthwise_conv, invert_neighbor_map, triton_available
+from .triton_conv import (count_triton_flops, gather_conv, gather_depthwise_conv, invert_neighbor_map,
+                          triton_available)
 
 __all__ = [
     "gather_conv",
@@ -13,4 +14,5 @@ __all__ = [
     "gather_depthwise_reference",
     "invert_neighbor_map",
     "triton_available",
+    "count_triton_flops",
 ]

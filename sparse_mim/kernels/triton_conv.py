@@ -35,6 +35,7 @@ reference in ``reference.py``, which defines the semantics.
 from __future__ import annotations
 
 import functools
+import contextlib
 import os
 
 import torch
@@ -310,6 +311,29 @@ def _launch_depthwise_wgrad(x, dout, nbr):
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
+class _FlopTally:
+    """Multiply-add FLOPs executed by the Triton kernels, counted only inside ``count_triton_flops``
+    (torch's FlopCounterMode cannot see custom kernels; counting costs a host sync per call)."""
+
+    enabled = False
+    total = 0
+
+    @classmethod
+    def add(cls, nbr: torch.Tensor, per_pair: int) -> None:
+        if cls.enabled:
+            cls.total += 2 * int((nbr >= 0).sum()) * per_pair
+
+
+@contextlib.contextmanager
+def count_triton_flops():
+    """Yield a callable returning the FLOPs the Triton kernels executed inside the block."""
+    _FlopTally.enabled, _FlopTally.total = True, 0
+    try:
+        yield lambda: _FlopTally.total
+    finally:
+        _FlopTally.enabled = False
+
+
 class _GatherConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, nbr, nbr_inv):
@@ -317,6 +341,7 @@ class _GatherConv(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         ctx.save_for_backward(x, weight, nbr, nbr_inv)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        _FlopTally.add(nbr, weight.shape[1] * weight.shape[2])
         return _launch_gather_gemm(x, weight, nbr, bias)
 
     @staticmethod
@@ -330,8 +355,10 @@ class _GatherConv(torch.autograd.Function):
                 nbr_inv = invert_neighbor_map(nbr, x.shape[0])
             w_t = weight.transpose(1, 2).contiguous()  # (K, C_out, C_in)
             dx = _launch_gather_gemm(dout, w_t, nbr_inv, None)
+            _FlopTally.add(nbr, weight.shape[1] * weight.shape[2])
         if ctx.needs_input_grad[1]:
             dw = _launch_gather_wgrad(x, dout, nbr, weight.shape[1], weight.shape[2]).to(weight.dtype)
+            _FlopTally.add(nbr, weight.shape[1] * weight.shape[2])
         if ctx.needs_input_grad[2]:
             dbias = dout.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dbias, None, None
@@ -344,6 +371,7 @@ class _GatherDepthwiseConv(torch.autograd.Function):
         bias = bias.contiguous() if bias is not None else None
         ctx.save_for_backward(x, weight, nbr, nbr_inv)
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        _FlopTally.add(nbr, weight.shape[1])
         return _launch_depthwise(x, weight, nbr, bias)
 
     @staticmethod
@@ -356,8 +384,10 @@ class _GatherDepthwiseConv(torch.autograd.Function):
             if nbr_inv is None:
                 nbr_inv = invert_neighbor_map(nbr, x.shape[0])
             dx = _launch_depthwise(dout, weight, nbr_inv, None)  # depthwise weight is its own transpose
+            _FlopTally.add(nbr, weight.shape[1])
         if ctx.needs_input_grad[1]:
             dw = _launch_depthwise_wgrad(x, dout, nbr).to(weight.dtype)
+            _FlopTally.add(nbr, weight.shape[1])
         if ctx.needs_input_grad[2]:
             dbias = dout.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, dbias, None, None

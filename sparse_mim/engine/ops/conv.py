@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+from .gather import scatter_add_rows
 from .window import WindowGeometry, canvas_rows, choose_path, gather_neighbors, tile_index
 
 __all__ = ["conv2d"]
@@ -85,9 +86,7 @@ class _TileConv(torch.autograd.Function):
         g_features = None
         if g_tiles is not None:
             rows = g_tiles.permute(0, 2, 3, 1).reshape(-1, g_tiles.shape[1])
-            acc = rows.new_zeros(features.shape[0] + 1, rows.shape[1])
-            acc.index_put_((index.reshape(-1),), rows, accumulate=True)
-            g_features = acc[:-1].to(features.dtype)
+            g_features = scatter_add_rows(rows, index.reshape(-1), features.shape[0] + 1)[:-1].to(features.dtype)
         return (g_features, None if g_w is None else g_w.to(w_dtype),
                 None if g_b is None else g_b.to(b_dtype), None, None, None, None)
 

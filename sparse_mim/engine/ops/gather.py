@@ -1,7 +1,8 @@
 """Row gathers with a fast backward: the data movement of every sparse op.
 
 ``index_select``'s backward is ``index_add_``, which on CPU is several times slower than an
-accumulating ``index_put_``; every halo / neighbour / canvas gather goes through ``gather_rows``.
+accumulating ``index_put_``; every halo / neighbour / canvas gather goes through ``gather_rows``, and
+every backward scatter through ``scatter_add_rows``, which picks the fast one per device.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["gather_rows"]
+__all__ = ["gather_rows", "scatter_add_rows"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -25,9 +26,19 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         n = ctx.n_rows
-        out = grad.new_zeros(n + 1, grad.shape[1])
-        out.index_put_((index,), grad, accumulate=True)
-        return out[:n], None, None
+        return scatter_add_rows(grad, index, n + 1)[:n], None, None
+
+
+def scatter_add_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows, C) sums of ``rows`` by destination ``index``: the backward of every gather.
+
+    CPU: accumulating ``index_put_`` (``index_add_`` is several times slower there);
+    CUDA: ``index_add_`` (atomics; the accumulating ``index_put_`` sorts first).
+    """
+    out = rows.new_zeros(n_rows, rows.shape[1])
+    if rows.is_cuda:
+        return out.index_add_(0, index, rows)
+    return out.index_put_((index,), rows, accumulate=True)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, fill: Optional[float] = None) -> torch.Tensor:

@@ -161,12 +161,22 @@ def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) 
         return "gather"
     if path != "auto":
         return path
-    if x.features.is_cuda and _triton_ready():
-        return "implicit_gemm"  # fused gather-GEMM: no halo copies, no im2col buffer
-    # CPU, measured (benchmarks/RESULTS.md): halo tiles win while tiles are large (t >= 4, halo
-    # overhead <= 2.25x); on 2x2 / 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather
-    # their neighbours into one GEMM and depthwise convs run on the (small) dense canvas instead.
-    if x.manager.tiled and geom.kernel[0] == geom.kernel[1] and x.manager.tile_side(x.stride) >= 4:
+    tile = x.manager.tile_side(x.stride) if x.manager.tiled else 0
+    return auto_path(geom, depthwise, tile, cuda=x.features.is_cuda and _triton_ready())
+
+
+def auto_path(geom: WindowGeometry, depthwise: bool, tile_side: int, cuda: bool) -> str:
+    """The measured choice (benchmarks/RESULTS.md); ``tile_side`` is 0 for non-patch managers."""
+    square = geom.kernel[0] == geom.kernel[1]
+    if cuda:
+        # H100: cuDNN on halo tiles beats the Triton kernel for ResNets' 3x3 convs; the Triton
+        # kernels win for depthwise 7x7 and for non-overlapping windows (ConvNeXt stem/downsample).
+        overlapping = geom.kernel[0] > geom.stride or geom.pad_lo != (0, 0)
+        return "tiles" if overlapping and tile_side and square and not depthwise else "implicit_gemm"
+    # CPU (2 cores): halo tiles win while tiles are large (t >= 4, halo overhead <= 2.25x); on 2x2 /
+    # 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather their neighbours into one
+    # GEMM and depthwise convs run on the (small) dense canvas instead.
+    if tile_side >= 4 and square:
         return "tiles"
     return "canvas" if depthwise else "gather"
 
