@@ -37,6 +37,10 @@ class SparseBackbone(nn.Module):
                                    f"{tuple(images.shape)}: expected {grid} (one entry per 32x32 patch)")
         if active.dtype != torch.bool:
             raise SparseInputError(f"patch mask must be bool (True = visible), got {active.dtype}")
+        empty = ~active.flatten(1).any(1)
+        if bool(empty.any()):  # one host sync per batch, before the network
+            raise SparseInputError(f"every patch of image(s) {empty.nonzero().flatten().tolist()} is masked: "
+                                   "each image needs at least one visible patch")
         if dense_reference:
             return MaskedDenseTensor.from_patch_mask(images, active, self.downsample_ratio)
         return SparseTensor.from_patch_mask(images, active, self.downsample_ratio)

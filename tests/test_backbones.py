@@ -145,3 +145,19 @@ def test_drop_path_rates_follow_timm():
     ours = [getattr(b.drop_path, "drop_prob", 0.0) for s in model.stages for b in s.blocks]
     theirs = [getattr(b.drop_path, "drop_prob", 0.0) for s in ref.stages for b in s.blocks]
     assert ours == pytest.approx(theirs)
+
+
+@pytest.mark.parametrize("dense_reference", (False, True))
+def test_an_image_with_every_patch_masked_is_an_error(dense_reference):
+    from sparse_mim import SparseInputError
+    model = create_backbone("resnet18")
+    active = torch.ones(2, 2, 2, dtype=torch.bool)
+    active[1] = False
+    with pytest.raises(SparseInputError, match=r"image\(s\) \[1\] is masked"):
+        model(torch.randn(2, 3, 64, 64), active, dense_reference=dense_reference)
+
+
+def test_image_size_not_multiple_of_32_is_an_error():
+    from sparse_mim import SparseInputError
+    with pytest.raises(SparseInputError, match="not a multiple of the patch size 32"):
+        create_backbone("resnet18")(torch.randn(1, 3, 64, 80))
