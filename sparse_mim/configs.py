@@ -10,7 +10,7 @@ from typing import Sequence, Type
 
 from omegaconf import DictConfig
 
-__all__ = ["config_dir", "compose"]
+__all__ = ["config_dir", "compose", "is_int"]
 
 
 def config_dir() -> Path:
@@ -32,3 +32,8 @@ def compose(config_name: str, overrides: Sequence[str], error: Type[Exception], 
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
         raise error(f"{e}\n(overrides are key=value with keys from {folder / config_name}.yaml{hint})") from None
+
+
+def is_int(value) -> bool:
+    """An integer config value (bools excluded: YAML's ``true`` is not a batch size)."""
+    return isinstance(value, int) and not isinstance(value, bool)

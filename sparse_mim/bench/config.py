@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir
+from ..configs import compose, config_dir, is_int
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
@@ -65,9 +65,6 @@ def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
     return compose(CONFIG_NAME, overrides, BenchConfigError, ", lists as models=[resnet50,convnext_tiny]")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
 
 def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
@@ -105,7 +102,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     elif unknown:
         errors.append(f"models: unknown {', '.join(unknown)}; choose from {', '.join(list_backbones())}")
     size = c["img_size"]
-    size_ok = _is_int(size) and size > 0 and size % 32 == 0
+    size_ok = is_int(size) and size > 0 and size % 32 == 0
     if not size_ok:
         errors.append(f"img_size must be a positive multiple of 32 (the patch size), got {size!r}")
     ratios = _as_list(c["mask_ratios"])
@@ -120,12 +117,12 @@ def resolve(cfg: DictConfig) -> BenchSettings:
             except ValueError as e:
                 errors.append(f"mask_ratios: {e} (img_size={size})")
     for key, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("decoder_width", 1)):
-        if not _is_int(c[key]) or c[key] < low:
+        if not is_int(c[key]) or c[key] < low:
             errors.append(f"{key} must be an integer >= {low}, got {c[key]!r}")
-    if _is_int(c["decoder_width"]) and c["decoder_width"] % 32:
+    if is_int(c["decoder_width"]) and c["decoder_width"] % 32:
         errors.append(f"decoder_width must be a multiple of 32 (halved by each of the 5 decoder blocks), "
                       f"got {c['decoder_width']}")
-    if c["threads"] is not None and (not _is_int(c["threads"]) or c["threads"] < 1):
+    if c["threads"] is not None and (not is_int(c["threads"]) or c["threads"] < 1):
         errors.append(f"threads must be null or an integer >= 1, got {c['threads']!r}")
     if c["dtype"] not in DTYPES:
         errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")

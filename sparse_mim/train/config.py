@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir
+from ..configs import compose, config_dir, is_int
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten"]
 
@@ -46,9 +46,6 @@ def _require(ok: bool, message: str, errors: List[str]) -> None:
         errors.append(message)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     """Raise ``ConfigError`` listing everything wrong with ``cfg`` for ``world_size`` processes.
@@ -73,7 +70,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"model: {e}")
 
     size = cfg.data.img_size
-    size_ok = _is_int(size) and size > 0 and size % 32 == 0
+    size_ok = is_int(size) and size > 0 and size % 32 == 0
     _require(size_ok, f"data.img_size must be a positive multiple of 32 (the patch size), got {size!r}; "
              f"e.g. data.img_size={max(32, round(size / 32) * 32) if isinstance(size, (int, float)) else 224}",
              errors)
@@ -88,14 +85,14 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
 
     t = cfg.train
     batch = t.batch_size
-    if not _is_int(batch) or batch < 1:
+    if not is_int(batch) or batch < 1:
         errors.append(f"train.batch_size must be a positive integer, got {batch!r}")
     elif batch % world_size:
         good = max(1, round(batch / world_size)) * world_size
         errors.append(f"train.batch_size={batch} is the global batch and must divide evenly over the "
                       f"{world_size} processes; use e.g. train.batch_size={good}")
-    _require(_is_int(t.epochs) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}", errors)
-    _require(t.max_steps is None or (_is_int(t.max_steps) and t.max_steps >= 1),
+    _require(is_int(t.epochs) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}", errors)
+    _require(t.max_steps is None or (is_int(t.max_steps) and t.max_steps >= 1),
              f"train.max_steps must be null or an integer >= 1, got {t.max_steps!r}", errors)
     _require(isinstance(t.base_lr, (int, float)) and t.base_lr > 0,
              f"train.base_lr must be > 0, got {t.base_lr!r}", errors)
@@ -105,9 +102,9 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
              f"train.clip_grad must be null or > 0, got {t.clip_grad!r}", errors)
     _require(t.betas is None or (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas)),
              f"train.betas must be null or two numbers in [0, 1), got {t.betas!r}", errors)
-    _require(_is_int(cfg.data.num_workers) and cfg.data.num_workers >= 0,
+    _require(is_int(cfg.data.num_workers) and cfg.data.num_workers >= 0,
              f"data.num_workers must be an integer >= 0, got {cfg.data.num_workers!r}", errors)
-    _require(_is_int(t.log_every) and t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every!r}",
+    _require(is_int(t.log_every) and t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every!r}",
              errors)
     _require(cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
              f"drop_path_rate must be null or in [0, 1), got {cfg.drop_path_rate!r}", errors)
