@@ -88,7 +88,7 @@ def _flop_table(rows: List[Dict[str, Any]]) -> List[str]:
 def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     what = info["settings"]["what"]
     lines = _header(info)
-    lines += ["", f"## Wall time (median ms) and peak memory; speedup = dense / sparse", ""]
+    lines += ["", "## Wall time (median ms) and peak memory; speedup = dense / sparse", ""]
     lines += _time_table(rows, what)
     lines += ["", "## Executed FLOPs (torch.utils.flop_counter; ratio = sparse / dense)", ""]
     lines += _flop_table(rows)

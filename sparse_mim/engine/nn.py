@@ -7,7 +7,6 @@ a plain dense tensor (the dense twin's behaviour).
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn as nn

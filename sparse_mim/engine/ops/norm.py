@@ -7,14 +7,14 @@ differ only by the active count and an output mask. LayerNorm normalises each ac
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
+from ..tensor import SiteTensor, SparseTensor
 from .gather import gather_rows
 
 __all__ = ["batch_norm", "layer_norm", "sync_batch_norm_dense"]
