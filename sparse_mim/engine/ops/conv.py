@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import scatter_add_rows
-from .window import WindowGeometry, canvas_rows, choose_path, gather_neighbors, tile_index
+from .window import WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index
 
 __all__ = ["conv2d"]
 
@@ -40,12 +40,6 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
     return SparseTensor(rows, manager=x.manager, stride=out_stride)
 
 
-def _padded_tiles(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    t = index.shape[1]
-    ext = torch.cat([features, features.new_zeros(1, features.shape[1])])
-    return ext.index_select(0, index.reshape(-1)).view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)
-
-
 class _TileConv(torch.autograd.Function):
     """Convolution of halo-padded tiles (VALID), saving the rows instead of the padded tiles.
 
@@ -59,7 +53,7 @@ class _TileConv(torch.autograd.Function):
         device = features.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else features.dtype
         with torch.autocast(device, enabled=False):  # cast once, as autocast's conv2d would
-            tiles = _padded_tiles(features.to(dtype), index)
+            tiles = padded_tiles(features.to(dtype), index)
             weight_c = weight.to(dtype)
             out = F.conv2d(tiles, weight_c, None if bias is None else bias.to(dtype), geom.stride, 0,
                            geom.dilation, groups)[:, :, :t_out, :t_out]
@@ -72,7 +66,7 @@ class _TileConv(torch.autograd.Function):
     def backward(ctx, grad_rows):
         features, weight, index = ctx.saved_tensors
         geom, groups, out_shape, has_bias, w_dtype, b_dtype, dtype = ctx.conf
-        tiles = _padded_tiles(features.to(dtype), index)
+        tiles = padded_tiles(features.to(dtype), index)
         n, c_out, t_out, _ = out_shape
         full = (tiles.shape[-1] - geom.dilation[0] * (geom.kernel[0] - 1) - 1) // geom.stride + 1
         grad = grad_rows.reshape(n, t_out, t_out, c_out).permute(0, 3, 1, 2)

@@ -125,12 +125,16 @@ def tile_index(x: SparseTensor, geom: WindowGeometry) -> torch.Tensor:
                           x.features.shape[0])
 
 
+def padded_tiles(features: torch.Tensor, index: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """(n_tiles, C, T, T) channels_last batch of the rows ``index`` (n_tiles, T, T) names."""
+    t = index.shape[1]
+    rows = gather_rows(features, index.reshape(-1), fill)
+    return rows.view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)
+
+
 def gather_tiles(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> torch.Tensor:
     """(n_tiles, C, T, T) channels_last batch of padded tiles (halo from neighbours, ``fill`` if inactive)."""
-    index = tile_index(x, geom)
-    t = index.shape[1]
-    rows = gather_rows(x.features, index.reshape(-1), fill)
-    return rows.view(index.shape[0], t, t, -1).permute(0, 3, 1, 2)
+    return padded_tiles(x.features, tile_index(x, geom), fill)
 
 
 def tile_rows(out: torch.Tensor, t_out: int) -> torch.Tensor:
