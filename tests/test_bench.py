@@ -83,3 +83,5 @@ def test_bad_settings_are_reported_together_with_exit_code_2(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "resnet5" in err and "img_size" in err and "dtype" in err
+    assert main(["execution_small_tiles=fast"]) == 2
+    assert "execution_small_tiles" in capsys.readouterr().err

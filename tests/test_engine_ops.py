@@ -294,3 +294,33 @@ def test_auto_execution_follows_the_measured_rules():
     assert auto_path(g3, False, 2, cuda=True) == "tiles"
     assert auto_path(g7, True, 8, cuda=True) == "implicit_gemm"
     assert auto_path(g2s2, False, 8, cuda=True) == "implicit_gemm"
+
+
+def test_small_tile_and_depthwise_overrides_pick_their_layers_only():
+    from sparse_mim.engine.ops.window import choose_path
+    manager = PatchCoordinateManager(patch_mask("random", 2, (2, 2)), 32)
+    g3 = WindowGeometry.make(3, 1, 1)
+    at = {s: SparseTensor(torch.zeros(manager.num_rows(s), 2), manager=manager, stride=s) for s in (4, 16)}
+    with execution("auto", depthwise="gather", small_tiles="canvas"):
+        assert choose_path(at[16], g3) == "canvas"             # 2x2 tiles
+        assert choose_path(at[4], g3) == "tiles"               # 8x8 tiles keep the CPU rule
+        assert choose_path(at[16], g3, depthwise=True) == "canvas"  # small tiles win over depthwise
+        assert choose_path(at[4], g3, depthwise=True) == "gather"
+    with pytest.raises(ValueError, match="unknown execution path"):
+        with execution(small_tiles="fast"):
+            pass
+
+
+@pytest.mark.parametrize("kernel,padding,dilation,groups", [(3, 1, 1, 1), (3, 2, 2, 1), (7, 3, 1, "dw")])
+def test_stride_one_tile_conv_input_gradient_needs_no_scatter(monkeypatch, kernel, padding, dilation, groups):
+    """Centred stride-1 tile convs take their input gradient as a transposed tile conv (no atomics)."""
+    from sparse_mim.engine.ops import conv as conv_ops
+
+    def no_scatter(*_args, **_kwargs):
+        raise AssertionError("the stride-1 tile backward must not scatter-add")
+    monkeypatch.setattr(conv_ops, "scatter_add_rows", no_scatter)
+    cin = 4
+    g = cin if groups == "dw" else groups
+    conv = SparseConv2d(cin, cin if groups == "dw" else 6, kernel, 1, padding, dilation, groups=g).to(DT)
+    for in_stride in (4, 16):
+        compare(conv, cin, in_stride, patch_mask("random", 2, (2, 3)), "tiles")

@@ -44,6 +44,8 @@ class BenchSettings:
     channels_last: bool
     cudnn_benchmark: bool
     execution: str
+    execution_depthwise: Optional[str]    # path of depthwise convs (null = ``execution``'s choice)
+    execution_small_tiles: Optional[str]  # path of other windowed ops on tiles < 4x4 (null = auto)
     what: Tuple[str, ...]
     memory: bool
     decoder_width: int
@@ -128,6 +130,9 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")
     if c["execution"] not in PATHS:
         errors.append(f"execution must be one of {', '.join(PATHS)}, got {c['execution']!r}")
+    for key in ("execution_depthwise", "execution_small_tiles"):
+        if c.get(key) is not None and c[key] not in PATHS:
+            errors.append(f"{key} must be null or one of {', '.join(PATHS)}, got {c[key]!r}")
     what = [str(w) for w in _as_list(c["what"])]
     if not what or any(w not in WHAT for w in what):
         errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
@@ -148,5 +153,6 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         img_size=int(size), device=device, dtype=str(c["dtype"]), autocast=autocast, warmup=int(c["warmup"]),
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
+        execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
         seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes))

@@ -38,11 +38,19 @@ def _header(info: Dict[str, Any]) -> List[str]:
         f"{m['threads']} threads, device {m['device']}",
         f"- load average (1/5/15 min) at start {m.get('load_average_start')}, at end {m.get('load_average_end')}",
         f"- batch {s['batch_size']}, {s['img_size']} px, {s['effective_dtype']}, warmup {s['warmup']}, "
-        f"repeats {s['repeats']} (median), sparse execution `{s['execution']}`, masked-dense baseline "
+        f"repeats {s['repeats']} (median), sparse execution `{_execution(s)}`, masked-dense baseline "
         f"{'channels_last' if s['channels_last'] else 'contiguous (NCHW)'}, same weights and masks",
     ]
     lines += [f"- note: {n}" for n in info.get("notes", [])]
     return lines
+
+
+def _execution(s: Dict[str, Any]) -> str:
+    parts = [s["execution"]]
+    for key, label in (("execution_depthwise", "depthwise"), ("execution_small_tiles", "small tiles")):
+        if s.get(key):
+            parts.append(f"{label}: {s[key]}")
+    return ", ".join(parts)
 
 
 def _time_table(rows: List[Dict[str, Any]], what: List[str]) -> List[str]:

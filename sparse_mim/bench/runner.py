@@ -25,6 +25,8 @@ def spec_for(settings: BenchSettings, model: str, mask_ratio: float) -> Workload
     return WorkloadSpec(model=model, mask_ratio=mask_ratio, batch_size=settings.batch_size,
                         img_size=settings.img_size, device=str(settings.device), autocast=settings.autocast,
                         channels_last=settings.channels_last, execution=settings.execution,
+                        execution_depthwise=settings.execution_depthwise,
+                        execution_small_tiles=settings.execution_small_tiles,
                         decoder_width=settings.decoder_width, seed=settings.seed)
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -42,6 +42,8 @@ class WorkloadSpec:
     execution: str
     decoder_width: int
     seed: int
+    execution_depthwise: Optional[str] = None    # see sparse_mim.engine.execution
+    execution_small_tiles: Optional[str] = None
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -105,7 +107,8 @@ class Workload:
     def context(self):
         """Precision and sparse execution path, entered around every forward."""
         stack = contextlib.ExitStack()
-        stack.enter_context(execution(self.spec.execution))
+        stack.enter_context(execution(self.spec.execution, self.spec.execution_depthwise,
+                                      self.spec.execution_small_tiles))
         if self.spec.autocast:
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
         return stack

@@ -73,16 +73,42 @@ class _TileConv(torch.autograd.Function):
         if full != t_out:  # outputs cropped in forward get zero gradient
             grad = F.pad(grad, (0, full - t_out, 0, full - t_out))
         grad = grad.to(tiles.dtype)
+        want_input = ctx.needs_input_grad[0]
+        transposed = want_input and _self_adjoint(geom, t_out, index.shape[1])
         g_tiles, g_w, g_b = torch.ops.aten.convolution_backward(
             grad, tiles, weight, [c_out] if has_bias else None, [geom.stride] * 2, [0, 0],
             list(geom.dilation), False, [0, 0], groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
+            [want_input and not transposed, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
         g_features = None
-        if g_tiles is not None:
+        if transposed:
+            g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
+            g_features = g_features.to(features.dtype)
+        elif g_tiles is not None:
             rows = g_tiles.permute(0, 2, 3, 1).reshape(-1, g_tiles.shape[1])
             g_features = scatter_add_rows(rows, index.reshape(-1), features.shape[0] + 1)[:-1].to(features.dtype)
         return (g_features, None if g_w is None else g_w.to(w_dtype),
                 None if g_b is None else g_b.to(b_dtype), None, None, None, None)
+
+
+def _self_adjoint(geom: WindowGeometry, t_out: int, t_padded: int) -> bool:
+    """True when the input gradient is itself a tile convolution over the same halo tiles.
+
+    At stride 1 with a centred window the input and output sites coincide, so the gradient of a
+    submanifold convolution is the submanifold convolution of the output gradient with the flipped,
+    transposed kernel: gather, dense conv, done. The general path scatters every halo row back with
+    atomic adds instead.
+    """
+    lo, hi = geom.halo()
+    return geom.stride == 1 and lo == hi and t_padded == t_out + lo + hi
+
+
+def _transposed_tile_conv(grad_rows, weight, index, geom: WindowGeometry, groups: int) -> torch.Tensor:
+    """Input-gradient rows of a stride-1 centred tile convolution (see ``_self_adjoint``)."""
+    c_out, c_in_g, kh, kw = weight.shape
+    w = weight.view(groups, c_out // groups, c_in_g, kh, kw).transpose(1, 2)
+    w = w.reshape(groups * c_in_g, c_out // groups, kh, kw).flip(-1, -2)
+    out = F.conv2d(padded_tiles(grad_rows, index), w, None, 1, 0, geom.dilation, groups)
+    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
 
 def _dense_conv(dense, weight, bias, geom: WindowGeometry, groups):

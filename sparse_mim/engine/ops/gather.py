@@ -18,9 +18,7 @@ class _GatherRows(torch.autograd.Function):
     def forward(ctx, src: torch.Tensor, index: torch.Tensor, fill: Optional[float]):
         ctx.n_rows = src.shape[0]
         ctx.save_for_backward(index)
-        if fill is not None:  # index == n_rows reads a constant row
-            src = torch.cat([src, src.new_full((1, src.shape[1]), fill)])
-        return src.index_select(0, index)
+        return _gather(src, index, fill)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -45,6 +43,18 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, fill: Optional[float] = 
     """``src[index]`` for (N, C) rows; with ``fill``, index ``N`` reads a row of ``fill`` values."""
     if src.requires_grad and torch.is_grad_enabled():
         return _GatherRows.apply(src, index, fill)
-    if fill is not None:
-        src = torch.cat([src, src.new_full((1, src.shape[1]), fill)])
-    return src.index_select(0, index)
+    return _gather(src, index, fill)
+
+
+#: CUDA gathers with a fill row run one Triton kernel instead of ``cat`` + ``index_select`` (which
+#: copies the whole source once more); benchmarks switch it off to measure the difference.
+FUSED_FILL_GATHER = True
+
+
+def _gather(src: torch.Tensor, index: torch.Tensor, fill: Optional[float]) -> torch.Tensor:
+    if fill is None:
+        return src.index_select(0, index)
+    from ...kernels.triton_gather import gather_rows_filled, gather_rows_filled_reference
+    if FUSED_FILL_GATHER:  # the kernel itself falls back to the reference off CUDA
+        return gather_rows_filled(src, index, fill)
+    return gather_rows_filled_reference(src, index, fill)

@@ -30,21 +30,24 @@ PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
 
 @contextlib.contextmanager
-def execution(path: str = "auto", depthwise: str | None = None):
+def execution(path: str = "auto", depthwise: str | None = None, small_tiles: str | None = None):
     """Force the execution path of windowed ops inside the block (tests, benchmarks).
 
     ``depthwise`` overrides the path of depthwise convolutions only (e.g. ``canvas`` for ConvNeXt's
-    7x7 depthwise while the dense convolutions use ``implicit_gemm``).
+    7x7 depthwise while the dense convolutions use ``implicit_gemm``). ``small_tiles`` overrides both
+    for windowed ops on patch tiles smaller than 4x4 sites (stages 3-4 at 224 px), where a halo costs
+    4-49x the rows; benchmarks sweep these per device.
     """
-    for p in (path, depthwise or "auto"):
+    for p in (path, depthwise or "auto", small_tiles or "auto"):
         if p not in PATHS:
             raise ValueError(f"unknown execution path {p!r}; choose one of {PATHS}")
-    previous = (getattr(_state, "path", "auto"), getattr(_state, "depthwise", None))
-    _state.path, _state.depthwise = path, depthwise
+    previous = (getattr(_state, "path", "auto"), getattr(_state, "depthwise", None),
+                getattr(_state, "small_tiles", None))
+    _state.path, _state.depthwise, _state.small_tiles = path, depthwise, small_tiles
     try:
         yield
     finally:
-        _state.path, _state.depthwise = previous
+        _state.path, _state.depthwise, _state.small_tiles = previous
 
 
 def current_execution(depthwise: bool = False) -> str:
@@ -160,6 +163,9 @@ def canvas_rows(dense_out: torch.Tensor, x: SparseTensor, out_stride: int) -> to
 
 
 def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) -> str:
+    small = getattr(_state, "small_tiles", None)
+    if small not in (None, "auto") and x.manager.tiled and x.manager.tile_side(x.stride) < 4:
+        return small
     path = current_execution(depthwise)
     if path == "tiles" and not x.manager.tiled:
         return "gather"
