@@ -1,51 +1,61 @@
 #!/usr/bin/env bash
 # One prepared GPU session (a lent H100/H200 with limited minutes): correctness first, then figures.
-#   OUT=/some/folder bash benchmarks/gpu_session.sh
+#   OUT=/some/folder bash benchmarks/gpu_session.sh                 # every step
+#   STEPS="graphcheck sweep graph fp32" OUT=... bash benchmarks/gpu_session.sh
+# Steps: equivalence (eager rules + CUDA graph, fp32), graphcheck (CUDA graph only), sweep (execution
+# rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor.
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).
 # Every step has its own time limit and writes into $OUT as it goes, so a cut-off run still reports.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-bench_out/gpu}"
+STEPS=" ${STEPS:-equivalence sweep bf16 graph fp32 floor} "
 mkdir -p "$OUT"
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-git log -1 --format='commit %h %s' 2>/dev/null || true
 
-echo "== 1. equivalence (float32, no TF32)"
-timeout 100 python benchmarks/gpu_equivalence.py 2>&1 | tee "$OUT/equivalence.txt"
-
-echo "== 2. execution-rule sweep (bf16, batch 128, mask 0.6)"
-timeout 150 python benchmarks/gpu_sweep.py --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"
-# The fastest rule of the sweep for a model family, as bench overrides (empty = the default rule).
-best() {
-    python - "$OUT/sweep.json" "$1" <<'PY'
-import json, sys
-try:
-    opts = json.load(open(sys.argv[1]))[sys.argv[2]]["best_options"]
-except Exception:
-    sys.exit(0)
-print(" ".join(f"{k}={v}" for k, v in opts.items() if k.startswith("execution")))
-PY
+bench() {  # bench NAME TIMEOUT overrides...: full log in $OUT/NAME.log, tables on stdout
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" python -m sparse_mim bench "$@" output_dir="$OUT/$name" > "$OUT/$name.log" 2>&1
+    echo "-- $name (exit $?)"; grep "|" "$OUT/$name/results.md" 2>/dev/null || tail -5 "$OUT/$name.log"
 }
-r50=$(best resnet50); cnx=$(best convnext_base)
-echo "rules used below: resnet50: ${r50:-default}; convnext: ${cnx:-default}"
 
-echo "== 3. bench, bf16"
-common=(batch_size=128 img_size=224 device=cuda warmup=3 repeats=8 'what=[encoder,step]')
-timeout 100 python -m sparse_mim bench "${common[@]}" 'models=[resnet50]' 'mask_ratios=[0.6,0.75,0.9]' \
-    dtype=bfloat16 $r50 output_dir="$OUT/bf16_resnet50" 2>&1 | grep -v "^\s*$" | grep -v "^\["
-timeout 100 python -m sparse_mim bench "${common[@]}" 'models=[convnext_base]' 'mask_ratios=[0.6,0.75,0.9]' \
-    dtype=bfloat16 $cnx output_dir="$OUT/bf16_convnext_base" 2>&1 | grep "|"
-timeout 50 python -m sparse_mim bench "${common[@]}" 'models=[convnext_small]' 'mask_ratios=[0.6]' \
-    dtype=bfloat16 $cnx output_dir="$OUT/bf16_convnext_small" 2>&1 | grep "|"
+if want equivalence; then
+    echo "== equivalence (float32, no TF32)"
+    timeout 120 python benchmarks/gpu_equivalence.py 2>&1 | tee "$OUT/equivalence.txt"
+elif want graphcheck; then
+    echo "== CUDA graph equivalence (float32, no TF32)"
+    timeout 80 python benchmarks/gpu_equivalence.py --graph-only 2>&1 | tee "$OUT/graphcheck.txt"
+fi
+if want sweep; then
+    echo "== execution-rule sweep (bf16, batch 128, mask 0.6)"
+    timeout 150 python benchmarks/gpu_sweep.py --warmup 2 --repeats 6 --out "$OUT/sweep.json" 2>&1 | tee "$OUT/sweep.txt"
+fi
+graph_ok=$(python -c "import json,sys; r=json.load(open(sys.argv[1])); print(int(all(not v['failed'] for v in r.values())))" \
+    "$OUT/sweep.json" 2>/dev/null || echo 0)
 
-echo "== 4. bench, float32 (the reference's float32 figures)"
-fp32=(batch_size=128 img_size=224 device=cuda warmup=2 repeats=5 'what=[encoder,step]' 'mask_ratios=[0.6]'
-      dtype=float32 memory=false)
-timeout 40 python -m sparse_mim bench "${fp32[@]}" 'models=[convnext_small]' $cnx output_dir="$OUT/fp32_convnext_small" \
-    2>&1 | grep "|"
-timeout 35 python -m sparse_mim bench "${fp32[@]}" 'models=[resnet50]' $r50 output_dir="$OUT/fp32_resnet50" 2>&1 | grep "|"
-
-echo "== 5. plain dense timm ResNet-50"
-timeout 30 python benchmarks/dense_floor.py --model resnet50 --batch 128 --dtype bfloat16
+common=(batch_size=128 img_size=224 device=cuda warmup=3 repeats=8 'what=[encoder,step]' dtype=bfloat16)
+if want bf16; then
+    echo "== bench, bf16, eager"
+    bench bf16_resnet50 100 "${common[@]}" 'models=[resnet50]' 'mask_ratios=[0.6,0.75,0.9]'
+    bench bf16_convnext_base 100 "${common[@]}" 'models=[convnext_base]' 'mask_ratios=[0.6,0.75,0.9]'
+    bench bf16_convnext_small 50 "${common[@]}" 'models=[convnext_small]' 'mask_ratios=[0.6]'
+fi
+if want graph && [ "$graph_ok" = 1 ]; then
+    echo "== bench, bf16, CUDA graph"
+    bench graph_resnet50 80 "${common[@]}" cuda_graph=true 'models=[resnet50]' 'mask_ratios=[0.6,0.9]'
+    bench graph_convnext_base 80 "${common[@]}" cuda_graph=true 'models=[convnext_base]' 'mask_ratios=[0.6,0.9]'
+fi
+if want fp32; then
+    echo "== bench, float32 (the reference's float32 figures)"
+    fp32=(batch_size=128 img_size=224 device=cuda warmup=2 repeats=4 'mask_ratios=[0.6]' dtype=float32 memory=false)
+    bench fp32_convnext_small 70 "${fp32[@]}" 'what=[step]' 'models=[convnext_small]'
+    [ "$graph_ok" = 1 ] && bench fp32_graph_convnext_small 70 "${fp32[@]}" 'what=[step]' cuda_graph=true 'models=[convnext_small]'
+    bench fp32_resnet50 60 "${fp32[@]}" 'what=[encoder,step]' 'models=[resnet50]'
+fi
+if want floor; then
+    echo "== plain dense timm ResNet-50"
+    timeout 30 python benchmarks/dense_floor.py --model resnet50 --batch 128 --dtype bfloat16
+fi

@@ -29,19 +29,17 @@ from sparse_mim.spark import random_patch_mask
 CANDIDATES = {
     "resnet50": {
         "auto": {},
-        "small=implicit_gemm": {"execution_small_tiles": "implicit_gemm"},
-        "small=canvas": {"execution_small_tiles": "canvas"},
-        "auto, unfused fill gather": {"fused_gather": False},
+        "small=tiles": {"execution_small_tiles": "tiles"},
+        "auto, CUDA graph": {"cuda_graph": True},
     },
     "convnext_base": {
         "auto": {},
-        "depthwise=canvas": {"execution_depthwise": "canvas"},
-        "depthwise=tiles": {"execution_depthwise": "tiles"},
-        "depthwise=tiles, small=implicit_gemm": {"execution_depthwise": "tiles",
-                                                 "execution_small_tiles": "implicit_gemm"},
-        "depthwise=tiles, small=canvas": {"execution_depthwise": "tiles", "execution_small_tiles": "canvas"},
+        "auto, CUDA graph": {"cuda_graph": True},
     },
 }
+
+
+PROFILE = False  # --profile: a torch.profiler table of the sparse ResNet-50 encoder
 
 
 def spec_for(model: str, batch: int, device: str) -> WorkloadSpec:
@@ -54,35 +52,42 @@ def sweep(model: str, batch: int, warmup: int, repeats: int, device: str) -> dic
     workload = Workload(base)
     masks = workload.masks(warmup + repeats)
 
-    def run_with(options: dict):
+    failed = {}
+
+    def run_with(name: str, options: dict):
         spec = dataclasses.replace(base, **{k: v for k, v in options.items() if k != "fused_gather"})
 
         def run(i: int) -> None:
-            workload.spec = spec
+            if name in failed:
+                return
+            workload.spec, workload.use_graphs = spec, spec.cuda_graph
             gather_ops.FUSED_FILL_GATHER = options.get("fused_gather", True)
             try:
                 workload.iteration("sparse", "encoder", masks[i])
+            except Exception as e:  # report and go on: one failing candidate must not cost the sweep
+                failed[name] = f"{type(e).__name__}: {e}"[:400]
+                print(f"candidate {name!r} failed: {failed[name]}")
             finally:
-                workload.spec, gather_ops.FUSED_FILL_GATHER = base, True
+                workload.spec, workload.use_graphs, gather_ops.FUSED_FILL_GATHER = base, False, True
         return run
 
     runs = {"masked-dense": lambda i: workload.iteration("dense", "encoder", masks[i])}
-    runs.update({f"sparse {name}": run_with(opts) for name, opts in CANDIDATES[model].items()})
+    runs.update({f"sparse {name}": run_with(f"sparse {name}", opts) for name, opts in CANDIDATES[model].items()})
     prepare = lambda name: workload.prepare("dense" if name == "masked-dense" else "sparse")
     times = interleaved_times(runs, prepare, warmup, repeats, synchronizer(workload.device))
-    medians = {name: 1000 * statistics.median(t) for name, t in times.items()}
+    medians = {name: float("nan") if name in failed else 1000 * statistics.median(t) for name, t in times.items()}
     dense = medians["masked-dense"]
     print(f"\n## {model}: encoder fwd+bwd, batch {batch}, 224 px, mask 0.6, bf16 autocast "
           f"(median of {repeats}, interleaved)\n\n| run | ms | speedup vs masked-dense |\n|---|---|---|")
     for name, ms in medians.items():
         print(f"| {name} | {ms:.1f} | {dense / ms:.2f}x |")
-    best = min((n for n in medians if n.startswith("sparse ")), key=medians.get)
-    result = {"medians_ms": medians, "best": best[len("sparse "):],
+    best = min((n for n in medians if n.startswith("sparse ") and n not in failed), key=medians.get)
+    result = {"medians_ms": medians, "failed": failed, "best": best[len("sparse "):],
               "best_options": CANDIDATES[model][best[len("sparse "):]]}
     result["maps_in_step_ms"] = maps_in_step_ms(workload, repeats)
     print(f"\nmaps as they occur in a step (fresh-manager forward - warm-manager forward, no extra syncs): "
           f"{result['maps_in_step_ms']:.2f} ms")
-    if model == "resnet50":
+    if model == "resnet50" and PROFILE:
         profile(workload, masks[0])
     del workload
     if device == "cuda":
@@ -132,10 +137,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--models", nargs="+", default=list(CANDIDATES))
+    p.add_argument("--profile", action="store_true", help="print a profiler table (sparse ResNet-50)")
     p.add_argument("--device", default="cuda", help="cpu only for a smoke test of this script")
     p.add_argument("--out", default="bench_out/sweep.json")
     args = p.parse_args()
     torch.backends.cudnn.benchmark = True
+    global PROFILE
+    PROFILE = args.profile
     results = {m: sweep(m, args.batch, args.warmup, args.repeats, args.device) for m in args.models}
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

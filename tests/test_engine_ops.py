@@ -291,7 +291,8 @@ def test_auto_execution_follows_the_measured_rules():
     assert auto_path(g3, False, 2, cuda=False) == "gather"
     assert auto_path(g7, True, 1, cuda=False) == "canvas"
     assert auto_path(g3, False, 0, cuda=False) == "gather"  # arbitrary coordinates
-    assert auto_path(g3, False, 2, cuda=True) == "tiles"
+    assert auto_path(g3, False, 8, cuda=True) == "tiles"
+    assert auto_path(g3, False, 2, cuda=True) == "implicit_gemm"
     assert auto_path(g7, True, 8, cuda=True) == "implicit_gemm"
     assert auto_path(g2s2, False, 8, cuda=True) == "implicit_gemm"
 

@@ -290,3 +290,41 @@ def test_no_weight_decay_on_1d_params_biases_mask_tokens_and_layer_scale():
     assert decay["weight_decay"] == 0.04 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_fixed_visible_count_builds_the_same_tiles_without_nonzero_and_rejects_other_counts():
+    from sparse_mim.engine import PatchCoordinateManager, SparseInputError
+    mask = random_patch_mask(4, (3, 5), 0.6, generator=torch.Generator().manual_seed(3))
+    k = int(mask[0].sum())
+    fixed = PatchCoordinateManager(mask, 32, visible_per_image=k)
+    assert torch.equal(fixed.tiles, PatchCoordinateManager(mask, 32).tiles)
+    uneven = mask.clone()
+    uneven[0] = True
+    with pytest.raises(SparseInputError, match=r"visible_per_image=%d.*\[%d, 15\]" % (k, k)):
+        PatchCoordinateManager(uneven, 32, visible_per_image=k).tiles
+    with pytest.raises(SparseInputError, match="visible_per_image must be in 1..15"):
+        PatchCoordinateManager(mask, 32, visible_per_image=0)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny"])
+def test_static_shape_encoder_equals_the_eager_encoder_and_densify(name):
+    """What a CUDA graph captures (sparse_mim.spark.graphed) computes exactly SparK's encode / densify."""
+    from sparse_mim.spark.graphed import StaticShapeEncoder
+    torch.manual_seed(0)
+    spark = build_spark(name, drop_path_rate=0.0, decoder_width=64).double().train()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    active = random_patch_mask(2, (2, 3), 0.5, generator=torch.Generator().manual_seed(1))
+    k = int(active[0].sum())
+    rows = StaticShapeEncoder(spark, k)(images, active)
+    eager = spark.encode(images, active)
+    assert len(rows) == 4 and all(torch.equal(r, f.features) for r, f in zip(rows, eager))
+    maps = StaticShapeEncoder(spark, k, densify=True)(images, active)
+    assert all(torch.equal(a, b) for a, b in zip(maps, spark.densify(spark.encode(images, active), active)))
+
+
+def test_graph_encoder_needs_cuda_and_the_sparse_model():
+    from sparse_mim.spark.graphed import graph_encoder
+    spark = build_spark("resnet18", decoder_width=64)
+    active = random_patch_mask(2, (2, 2), 0.5)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        graph_encoder(spark, torch.randn(2, 3, 64, 64), active)

@@ -46,6 +46,7 @@ class BenchSettings:
     execution: str
     execution_depthwise: Optional[str]    # path of depthwise convs (null = ``execution``'s choice)
     execution_small_tiles: Optional[str]  # path of other windowed ops on tiles < 4x4 (null = auto)
+    cuda_graph: bool                      # sparse encoder as one CUDA graph (CUDA only)
     what: Tuple[str, ...]
     memory: bool
     decoder_width: int
@@ -66,6 +67,10 @@ def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``configs/bench.yaml`` with Hydra ``key=value`` overrides applied."""
     return compose(CONFIG_NAME, overrides, BenchConfigError, ", lists as models=[resnet50,convnext_tiny]")
 
+
+
+def device_name_is_cpu(c) -> bool:
+    return str(c["device"]) == "cpu" or (str(c["device"]) == "auto" and not torch.cuda.is_available())
 
 
 def _as_list(v) -> list:
@@ -133,6 +138,8 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     for key in ("execution_depthwise", "execution_small_tiles"):
         if c.get(key) is not None and c[key] not in PATHS:
             errors.append(f"{key} must be null or one of {', '.join(PATHS)}, got {c[key]!r}")
+    if c.get("cuda_graph") and device_name_is_cpu(c):
+        errors.append("cuda_graph=true needs device=cuda (CUDA graphs)")
     what = [str(w) for w in _as_list(c["what"])]
     if not what or any(w not in WHAT for w in what):
         errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
@@ -154,5 +161,6 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
         execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
+        cuda_graph=bool(c.get("cuda_graph", False)),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
         seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes))

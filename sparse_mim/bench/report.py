@@ -50,6 +50,8 @@ def _execution(s: Dict[str, Any]) -> str:
     for key, label in (("execution_depthwise", "depthwise"), ("execution_small_tiles", "small tiles")):
         if s.get(key):
             parts.append(f"{label}: {s[key]}")
+    if s.get("cuda_graph"):
+        parts.append("CUDA graph")
     return ", ".join(parts)
 
 

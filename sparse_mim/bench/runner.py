@@ -27,6 +27,7 @@ def spec_for(settings: BenchSettings, model: str, mask_ratio: float) -> Workload
                         channels_last=settings.channels_last, execution=settings.execution,
                         execution_depthwise=settings.execution_depthwise,
                         execution_small_tiles=settings.execution_small_tiles,
+                        cuda_graph=settings.cuda_graph,
                         decoder_width=settings.decoder_width, seed=settings.seed)
 
 

@@ -44,6 +44,7 @@ class WorkloadSpec:
     seed: int
     execution_depthwise: Optional[str] = None    # see sparse_mim.engine.execution
     execution_small_tiles: Optional[str] = None
+    cuda_graph: bool = False    # sparse encoder replayed as a CUDA graph (sparse_mim.spark.graphed)
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -80,6 +81,8 @@ class Workload:
         images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size,
                              generator=torch.Generator().manual_seed(spec.seed)).to(self.device)
         self.models: Dict[str, SparK] = {}
+        self.graphs: Dict[str, object] = {}   # what -> captured sparse encoder (spec.cuda_graph)
+        self.use_graphs = spec.cuda_graph     # FLOP counting switches them off: a replay is invisible to it
         self.images: Dict[str, torch.Tensor] = {}
         if "dense" in variants:
             dense = copy.deepcopy(sparse)
@@ -117,9 +120,23 @@ class Workload:
         """The scalar that ``backward`` starts from: the step's loss, or the sum of all encoder outputs."""
         model, images = self.models[variant], self.images[variant]
         with self.context():
+            if variant == "sparse" and self.use_graphs:
+                return self._graphed_forward(what, active)
             if what == "step":
                 return model(images, active).loss
             return sum(feature_tensor(f).sum() for f in model.encode(images, active))
+
+    def _graphed_forward(self, what: str, active: torch.Tensor) -> torch.Tensor:
+        """As ``forward``, with the encoder (step: encoder + densify) replayed from a CUDA graph,
+        captured on the first call (inside the harness's warm-up)."""
+        from sparse_mim.spark.graphed import graph_encoder
+        model, images = self.models["sparse"], self.images["sparse"]
+        if what not in self.graphs:
+            self.graphs[what] = graph_encoder(model, images, active, densify=what == "step")
+        out = self.graphs[what](images, active)
+        if what == "step":
+            return model.forward_loss(images, model.decode(list(out)), active)
+        return sum(o.sum() for o in out)
 
     def iteration(self, variant: str, what: str, active: torch.Tensor) -> None:
         self.forward(variant, what, active).backward()

@@ -147,12 +147,18 @@ class PatchCoordinateManager(CoordinateManager):
 
     tiled = True
 
-    def __init__(self, patch_mask: torch.Tensor, patch_size: int = 32):
+    def __init__(self, patch_mask: torch.Tensor, patch_size: int = 32, visible_per_image: int | None = None):
+        """``visible_per_image``: every image shows exactly this many patches (SparK's masks do).
+        The tile list then has a fixed shape and is built without a host sync, so the whole
+        encoder can be captured in a CUDA graph (``sparse_mim.spark.graphed``)."""
         _check_mask(patch_mask, "patch mask")
         b, hp, wp = patch_mask.shape
         super().__init__(b, (hp * patch_size, wp * patch_size), 1, patch_mask.device)
         self.patch_size = int(patch_size)
         self.patch_mask = patch_mask
+        if visible_per_image is not None and not 0 < visible_per_image <= hp * wp:
+            raise SparseInputError(f"visible_per_image must be in 1..{hp * wp}, got {visible_per_image}")
+        self.visible_per_image = visible_per_image
 
     def tile_side(self, stride: int) -> int:
         if stride > self.patch_size or self.patch_size % stride:
@@ -164,11 +170,31 @@ class PatchCoordinateManager(CoordinateManager):
     def tiles(self) -> torch.Tensor:
         """(n_tiles, 3) int64 ``[batch, py, px]`` of the visible patches (one host sync, cached)."""
         def build():
+            if self.visible_per_image is not None:
+                return self._tiles_of_fixed_count(self.visible_per_image)
             t = self.patch_mask.nonzero()
             if t.shape[0] == 0:
                 raise SparseInputError("every patch is masked: at least one visible patch is needed")
             return t
         return self.cached("tiles", build)
+
+    def _tiles_of_fixed_count(self, k: int) -> torch.Tensor:
+        """``nonzero()`` of a mask with ``k`` visible patches per image, without a host sync:
+        each visible patch's rank within its image (a cumulative sum) is its slot."""
+        b, hp, wp = self.patch_mask.shape
+        flat = self.patch_mask.reshape(b, hp * wp)
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not capturing:  # one sync; a graph's caller checks each new mask before replaying
+            counts = flat.sum(1)
+            if bool((counts != k).any()):
+                raise SparseInputError(f"visible_per_image={k}, but the patch mask shows "
+                                       f"{sorted(set(counts.tolist()))} patches per image")
+        rank = flat.cumsum(1) - 1
+        slot = torch.where(flat, rank, torch.full_like(rank, k))  # masked patches -> a spare slot k
+        order = torch.arange(hp * wp, device=self.device).expand(b, -1)
+        picked = torch.zeros(b, k + 1, dtype=torch.long, device=self.device).scatter_(1, slot, order)[:, :k]
+        batch = torch.arange(b, device=self.device)[:, None].expand(b, k)
+        return torch.stack([batch, picked // wp, picked % wp], -1).reshape(-1, 3)
 
     @property
     def num_tiles(self) -> int:

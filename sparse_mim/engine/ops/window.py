@@ -179,10 +179,13 @@ def auto_path(geom: WindowGeometry, depthwise: bool, tile_side: int, cuda: bool)
     """The measured choice (benchmarks/RESULTS.md); ``tile_side`` is 0 for non-patch managers."""
     square = geom.kernel[0] == geom.kernel[1]
     if cuda:
-        # H100: cuDNN on halo tiles beats the Triton kernel for ResNets' 3x3 convs; the Triton
-        # kernels win for depthwise 7x7 and for non-overlapping windows (ConvNeXt stem/downsample).
+        # H100 (bf16, batch 128): cuDNN on halo tiles beats the Triton kernel for ResNets' 3x3 convs
+        # on tiles of >= 4x4 sites; on 2x2 / 1x1 tiles (4-9x halo rows) the Triton kernel wins
+        # (ResNet-50 encoder 49.1 vs 52.6 ms), as it does for depthwise 7x7 (82.5 ms vs 84.5 canvas,
+        # 101 tiles) and for non-overlapping windows (ConvNeXt stem / downsampling).
         overlapping = geom.kernel[0] > geom.stride or geom.pad_lo != (0, 0)
-        return "tiles" if overlapping and tile_side and square and not depthwise else "implicit_gemm"
+        big_tiles = tile_side >= 4
+        return "tiles" if overlapping and big_tiles and square and not depthwise else "implicit_gemm"
     # CPU (2 cores): halo tiles win while tiles are large (t >= 4, halo overhead <= 2.25x); on 2x2 /
     # 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather their neighbours into one
     # GEMM and depthwise convs run on the (small) dense canvas instead.
