@@ -89,7 +89,6 @@ def sweep(model: str, batch: int, warmup: int, repeats: int, device: str) -> dic
           f"{result['maps_in_step_ms']:.2f} ms")
     if model == "resnet50" and PROFILE:
         profile(workload, masks[0])
-    del workload
     if device == "cuda":
         torch.cuda.empty_cache()
     return result

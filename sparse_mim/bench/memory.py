@@ -34,7 +34,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cuda_peak_mb(workload: Workload, variant: str, what: str, active: torch.Tensor) -> float:
+    """Peak allocation of one iteration above what was allocated before it. A CUDA graph's memory
+    is allocated once, at capture, so the sparse variant is measured eagerly (the graph's private
+    pool holds the same tensors)."""
     device = workload.device
+    graphs, workload.use_graphs = workload.use_graphs, False
     workload.prepare(variant)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -43,6 +47,7 @@ def cuda_peak_mb(workload: Workload, variant: str, what: str, active: torch.Tens
     workload.iteration(variant, what, active)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
+    workload.use_graphs = graphs
     workload.prepare(variant)
     return (peak - before) / MB
 

@@ -65,6 +65,9 @@ def graph_encoder(spark: nn.Module, images: torch.Tensor, active: torch.Tensor, 
         raise SparseInputError("graph_encoder needs the same, non-zero number of visible patches in every image; "
                                f"got {sorted(set(counts.tolist()))}")
     module = StaticShapeEncoder(spark, k, densify)
+    # The graph's inputs are static buffers that every call copies into: own them, so that later
+    # calls never overwrite the caller's tensors.
+    images, active = images.clone(), active.clone()
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda")
     with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
