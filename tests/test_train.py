@@ -293,3 +293,32 @@ def test_cli_help_lists_the_commands():
 
     assert main(["--help"]) == 0
     assert main(["frobnicate"]) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_graph_is_refused_without_cuda_or_with_several_processes(images, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="needs a CUDA device") as err:
+        pretrain(_config(images, tmp_path / "run", "train.cuda_graph=true"))
+    assert "runs in one process only" in str(err.value) and "got 2 processes" in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_graph_runs_every_training_step_through_the_graphed_forward(images, tmp_path, monkeypatch):
+    """The wiring: with train.cuda_graph the trainer's steps go through GraphedSparK (faked eagerly here)."""
+    from sparse_mim.train import trainer as trainer_module
+    calls = []
+
+    class EagerStandIn:  # what GraphedSparK returns, computed eagerly (no CUDA here)
+        def __init__(self, spark):
+            self.spark = spark
+
+        def __call__(self, images, active):
+            calls.append(tuple(images.shape))
+            return self.spark(images, active)
+
+    monkeypatch.setattr(trainer_module, "GraphedSparK", EagerStandIn)
+    monkeypatch.setattr("sparse_mim.train.config._cuda_available", lambda: True)
+    out = tmp_path / "run"
+    pretrain(_config(images, out, "train.batch_size=8", "train.epochs=2", "train.cuda_graph=true"))
+    assert len(calls) == 2 and [r["step"] for r in metrics(out)] == [1, 2]

@@ -9,9 +9,12 @@ maps — is the same from step to step. The maps are built from the mask inside 
     graphed = graph_encoder(spark, images, active)          # captures (warm-up + capture)
     features = graphed(images, active)                      # rows at strides 4..32, differentiable
     dense_maps = graph_encoder(spark, ..., densify=True)(images, active)   # encoder + densify
+    out = GraphedSparK(spark)(images, active)               # SparK's forward; used by the trainer
 
 Limits: CUDA only; ``active`` must show ``visible_per_image`` patches per image (checked each call,
-one host sync); the module's train/eval mode and the autocast dtype are those of the capture.
+one host sync); the module's train/eval mode and the autocast dtype are those of the capture. The
+capture's warm-up passes leave BatchNorm statistics as they were, but they do draw random numbers
+(drop path), so a graphed run is not bit-identical to an eager one.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch.nn as nn
 
 from sparse_mim.engine import PatchCoordinateManager, SparseInputError, SparseTensor
 
-__all__ = ["graph_encoder", "StaticShapeEncoder"]
+__all__ = ["graph_encoder", "StaticShapeEncoder", "GraphedSparK"]
 
 
 class StaticShapeEncoder(nn.Module):
@@ -64,15 +67,19 @@ def graph_encoder(spark: nn.Module, images: torch.Tensor, active: torch.Tensor, 
     if k == 0 or bool((counts != k).any()):
         raise SparseInputError("graph_encoder needs the same, non-zero number of visible patches in every image; "
                                f"got {sorted(set(counts.tolist()))}")
-    module = StaticShapeEncoder(spark, k, densify)
+    module = StaticShapeEncoder(spark, k, densify).train(spark.training)
     # The graph's inputs are static buffers that every call copies into: own them, so that later
     # calls never overwrite the caller's tensors.
     images, active = images.clone(), active.clone()
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda")
+    buffers = {name: b.clone() for name, b in module.named_buffers()}  # warm-up must not count as steps
     with torch.autocast("cuda", dtype=dtype, enabled=autocast, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(module, (images, active), num_warmup_iters=warmup,
                                                     allow_unused_input=True)
+    with torch.no_grad():
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
 
     def run(new_images: torch.Tensor, new_active: torch.Tensor):
         if tuple(new_images.shape) != tuple(images.shape) or tuple(new_active.shape) != tuple(active.shape):
@@ -82,3 +89,25 @@ def graph_encoder(spark: nn.Module, images: torch.Tensor, active: torch.Tensor, 
             raise SparseInputError(f"the graph was captured for {k} visible patches per image; this mask differs")
         return graphed(new_images, new_active)
     return run
+
+
+class GraphedSparK:
+    """``spark(images, active)`` for training with encoder + densify replayed from a CUDA graph.
+
+    One graph per input shape, captured the first time that shape is seen (the trainer's loader drops
+    the last partial batch, so there is one). The decoder and the loss run eagerly; parameter
+    gradients accumulate as in the eager model, so optimizers, clipping and checkpoints are unchanged.
+    """
+
+    def __init__(self, spark: nn.Module):
+        self.spark = spark
+        self.graphs = {}
+
+    def __call__(self, images: torch.Tensor, active: torch.Tensor):
+        from .model import SparKOutput
+        key = (tuple(images.shape), tuple(active.shape), images.dtype)
+        if key not in self.graphs:
+            self.graphs[key] = graph_encoder(self.spark, images, active, densify=True)
+        dense_maps = self.graphs[key](images, active)
+        pred = self.spark.decode(list(dense_maps))
+        return SparKOutput(self.spark.forward_loss(images, pred, active), pred, active)

@@ -41,6 +41,11 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
+def _cuda_available() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
 def _require(ok: bool, message: str, errors: List[str]) -> None:
     if not ok:
         errors.append(message)
@@ -108,5 +113,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
              errors)
     _require(cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
              f"drop_path_rate must be null or in [0, 1), got {cfg.drop_path_rate!r}", errors)
+    if t.get("cuda_graph"):
+        _require(_cuda_available(), "train.cuda_graph=true needs a CUDA device (CUDA graphs); "
+                 "none is available here", errors)
+        _require(world_size == 1, f"train.cuda_graph=true runs in one process only (a multi-process run "
+                 f"syncs BatchNorm inside the encoder); got {world_size} processes", errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

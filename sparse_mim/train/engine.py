@@ -50,12 +50,13 @@ def global_batch_mask(seed: int, step: int, global_batch: int, grid: Tuple[int, 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, schedule: Schedule, *,
                     info: DistInfo, epoch: int, step: int, stop_step: int, seed: int, mask_ratio: float,
                     clip_grad: Optional[float], autocast: bool, on_step: Callable[[Dict], None],
-                    stop_requested: Callable[[], bool]) -> Tuple[int, int]:
+                    stop_requested: Callable[[], bool], forward: Optional[Callable] = None) -> Tuple[int, int]:
     """Train from global ``step`` until the loader ends, ``stop_step`` is reached or a stop is
     requested. Returns ``(step after the last update, unreadable images skipped on this rank)``.
 
     ``on_step`` gets each step's metrics (loss averaged over ranks). A NaN/inf loss or gradient
-    norm raises ``NonFiniteLossError`` before the update (on every rank alike).
+    norm raises ``NonFiniteLossError`` before the update (on every rank alike). ``forward`` replaces
+    ``model(images, active)`` (e.g. ``sparse_mim.spark.graphed.GraphedSparK``).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -73,7 +74,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
         active = global_batch_mask(seed, step, global_batch, patch_grid(images, patch_size), mask_ratio, info)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with amp:
-            loss = model(images, active).loss
+            loss = (forward or model)(images, active).loss
         loss_value = all_reduce_mean(loss.detach().float()).item()
         if not math.isfinite(loss_value):
             raise NonFiniteLossError("the loss", loss_value, step + 1, epoch + 1)

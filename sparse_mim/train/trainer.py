@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build_transform, check_batch_fits,
                              set_epoch)
 from sparse_mim.spark import build_spark
+from sparse_mim.spark.graphed import GraphedSparK
 from sparse_mim.spark.masking import patch_grid, random_patch_mask
 
 from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, rng_state,
@@ -178,6 +179,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                         decoder_width=config["decoder_width"]).to(info.device)
     model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"])
     bare = unwrap(model)
+    graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: one CUDA process
     optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"])
 
     loader = build_loader(dataset, train_cfg["batch_size"], info.world_size, info.rank, data_cfg["num_workers"], seed)
@@ -248,7 +250,8 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                 step, skipped = train_one_epoch(
                     model, loader, optimizer, schedule, info=info, epoch=epoch, step=step, stop_step=total_steps,
                     seed=seed, mask_ratio=config["mask_ratio"], clip_grad=train_cfg["clip_grad"],
-                    autocast=train_cfg["autocast"], on_step=on_step, stop_requested=stop_requested)
+                    autocast=train_cfg["autocast"], on_step=on_step, stop_requested=stop_requested,
+                    forward=graphed)
                 skipped = sum(all_gather_objects(skipped))
                 if skipped:
                     monitor.message(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s), each replaced by "
