@@ -527,3 +527,46 @@ def test_cli_reports_errors_on_stderr_with_exit_code_2(tmp_path, capsys):
 
     assert main([str(ckpt), "--to", "onnx", "--arch", "resnet18", "--out", str(out)]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _official_convnext_names(timm_state: dict) -> dict:
+    """timm ConvNeXt keys -> the facebookresearch/ConvNeXt names the reference SparK saves."""
+    import re
+    out = {}
+    for k, v in timm_state.items():
+        k = k.replace("stem.", "downsample_layers.0.")
+        k = re.sub(r"stages\.(\d+)\.downsample\.(\d+)", r"downsample_layers.\1.\2", k)
+        k = re.sub(r"stages\.(\d+)\.blocks\.(\d+)", r"stages.\1.\2", k)
+        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
+        out[k] = v
+    return out
+
+
+def test_reference_spark_convnext_checkpoint_converts_to_timm_with_identical_features(tmp_path):
+    """The reference SparK's whole-model checkpoint ('module': SparK state, official ConvNeXt names)."""
+    dense = timm.create_model("convnext_tiny").eval()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    encoder = {f"sparse_encoder.sp_cnn.{k}": v for k, v in _official_convnext_names(dense.state_dict()).items()}
+    decoder = {"dense_decoder.dec.0.conv.weight": torch.zeros(8, 8, 3, 3), "densify_norms.0.weight": torch.ones(8)}
+    path = tmp_path / "convnext_tiny_still_pretraining.pth"
+    torch.save({"args": "...", "arch": "convnext_tiny", "epoch": 3, "performance_desc": "0.5 0.5",
+                "module": {**encoder, **decoder}, "optimizer": {"state": {}, "param_groups": []}}, path)
+    converted = to_timm(path, "convnext_tiny")
+    fresh = timm.create_model("convnext_tiny").eval()
+    result = fresh.load_state_dict(converted, strict=False)
+    assert not result.unexpected_keys and all(k.startswith("head.") for k in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(fresh.forward_features(x), dense.forward_features(x))
+    _, dropped = load_encoder_state_dict(path, "convnext_tiny")
+    assert dropped["dense_decoder"] == 1 and dropped["densify_norms"] == 1 and dropped["classifier"] == 4
+
+
+def test_official_convnext_names_need_the_arch():
+    weights = _official_convnext_names(timm.create_model("convnext_tiny").state_dict())
+    with pytest.raises(ConversionError, match="official ConvNeXt key names.*--arch convnext_small"):
+        load_encoder_state_dict(weights)
+    with pytest.raises(ConversionError, match="arch asked for is 'resnet50'"):
+        load_encoder_state_dict(weights, "resnet50")

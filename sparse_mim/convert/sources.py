@@ -5,6 +5,11 @@ Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or an in-memory dict):
   ..., "densify...": ..., "decoder...": ..., "mask_tokens...": ...}, "optimizer": ..., "epoch": ...,
   "step": ..., "config": ..., "arch": ...}`: the `encoder.*` weights are kept, the rest is dropped;
 - an encoder-only state_dict with timm keys, bare or wrapped as `{"model": ...}` / `{"state_dict": ...}`;
+- a checkpoint of the reference SparK implementation: its whole pretraining model
+  (`sparse_encoder.sp_cnn.*` is the encoder; decoder, densify and mask tokens are dropped) or an
+  encoder state_dict; its ConvNeXts use the official ConvNeXt key names (`downsample_layers.*`,
+  `stages.i.j.dwconv`, ...), which are renamed to timm's by timm's own `checkpoint_filter_fn`
+  (this needs the arch, e.g. `--arch convnext_small`);
 - any of the above with DDP (`module.`) or torch.compile (`_orig_mod.`) prefixes.
 Classifier keys (`fc.*`, `head.*`) are never part of an encoder and are dropped as well.
 """
@@ -25,9 +30,14 @@ from .errors import ConversionError
 
 PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
 ENCODER_PREFIX = "encoder."
+REFERENCE_ENCODER_PREFIX = "sparse_encoder.sp_cnn."  # the reference SparK's SparK.sparse_encoder.sp_cnn
+OFFICIAL_CONVNEXT_MARK = "downsample_layers.0.0.weight"  # facebookresearch/ConvNeXt naming (reference SparK)
 # Top-level entries that describe a checkpoint rather than hold weights: never reported as dropped.
-_METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config", "rng"})
-_WRAPPER_KEYS = ("model", "state_dict")
+# (The reference SparK's checkpoints: {"args", "arch", "epoch", "performance_desc", "module", "optimizer",
+#  "is_pretrain", "input_size"}.)
+_METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config", "rng",
+                            "args", "performance_desc", "is_pretrain", "input_size"})
+_WRAPPER_KEYS = ("model", "state_dict", "module")
 _PARALLEL_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -47,7 +57,34 @@ def load_encoder_state_dict(
     ckpt = read_encoder_checkpoint(src)
     if arch is not None:
         check_arch(ckpt.arch, arch)
+    if OFFICIAL_CONVNEXT_MARK in ckpt.state_dict:
+        return _from_official_convnext_names(ckpt.state_dict, arch or ckpt.arch, dict(ckpt.dropped))
     return ckpt.state_dict, ckpt.dropped
+
+
+def _from_official_convnext_names(weights: dict[str, torch.Tensor], arch: str | None,
+                                  dropped: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Official ConvNeXt key names (the reference SparK's) -> timm's, via timm's own remapping."""
+    if arch is None:
+        raise ConversionError("these weights use the official ConvNeXt key names (downsample_layers.*, "
+                              "stages.i.j.dwconv, ...); name the model to rename them, e.g. --arch convnext_small")
+    if not arch.startswith("convnext"):
+        raise ConversionError(f"these weights use official ConvNeXt key names, but the arch asked for is {arch!r}")
+    import timm
+    from timm.models.convnext import checkpoint_filter_fn
+    with torch.device("meta"):  # shapes only: the filter reshapes a few tensors to the model's
+        model = timm.create_model(arch, pretrained=False)
+    try:
+        renamed = checkpoint_filter_fn(weights, model)
+    except KeyError as e:
+        raise ConversionError(f"official ConvNeXt key {e.args[0]!r} has no counterpart in timm {arch!r}; "
+                              "check --arch") from None
+    head = [k for k in renamed if k.startswith(CLASSIFIER_PREFIXES)]  # the final norm becomes head.norm
+    for k in head:
+        del renamed[k]
+    if head:
+        dropped["classifier"] = dropped.get("classifier", 0) + len(head)
+    return renamed, dropped
 
 
 def read_encoder_checkpoint(src: str | os.PathLike | Mapping) -> EncoderCheckpoint:
@@ -165,8 +202,13 @@ def _strip_parallel_prefixes(weights: Mapping) -> dict[str, torch.Tensor]:
 def _select_encoder(
     weights: dict[str, torch.Tensor], dropped: Counter, *, is_pretraining: bool
 ) -> dict[str, torch.Tensor]:
-    """Keep `encoder.*` (prefix removed) when present, reporting the other groups as dropped."""
-    if not any(k.startswith(ENCODER_PREFIX) for k in weights):
+    """Keep `encoder.*` (prefix removed) when present, reporting the other groups as dropped.
+
+    A reference SparK model keeps its encoder under `sparse_encoder.sp_cnn.*` instead."""
+    prefix = ENCODER_PREFIX
+    if not any(k.startswith(prefix) for k in weights) and any(k.startswith(REFERENCE_ENCODER_PREFIX) for k in weights):
+        prefix = REFERENCE_ENCODER_PREFIX
+    if not any(k.startswith(prefix) for k in weights):
         if is_pretraining:
             raise ConversionError(
                 f"pretraining checkpoint has no '{ENCODER_PREFIX}*' weights in 'model'; "
@@ -175,8 +217,8 @@ def _select_encoder(
         return dict(weights)
     encoder = {}
     for key, value in weights.items():
-        if key.startswith(ENCODER_PREFIX):
-            encoder[key.removeprefix(ENCODER_PREFIX)] = value
+        if key.startswith(prefix):
+            encoder[key.removeprefix(prefix)] = value
         else:
             dropped[key.split(".", 1)[0]] += 1
     return encoder
