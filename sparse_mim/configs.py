@@ -10,7 +10,7 @@ from typing import Sequence, Type
 
 from omegaconf import DictConfig
 
-__all__ = ["config_dir", "compose", "is_int"]
+__all__ = ["config_dir", "compose", "is_int", "image_and_mask_errors"]
 
 
 def config_dir() -> Path:
@@ -37,3 +37,30 @@ def compose(config_name: str, overrides: Sequence[str], error: Type[Exception], 
 def is_int(value) -> bool:
     """An integer config value (bools excluded: YAML's ``true`` is not a batch size)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def image_and_mask_errors(size, ratios: Sequence, size_key: str, ratio_key: str) -> list[str]:
+    """What is wrong with an image size and mask ratios, worded with the command's own key names.
+
+    The size must be a positive multiple of the 32-pixel patch; each ratio must leave at least one
+    visible and one masked patch of that size's grid (SparK's rounding).
+    """
+    from sparse_mim.spark.masking import check_mask_ratio
+
+    errors = []
+    size_ok = is_int(size) and size > 0 and size % 32 == 0
+    if not size_ok:
+        near = max(32, round(size / 32) * 32) if isinstance(size, (int, float)) and not isinstance(size, bool) else 224
+        errors.append(f"{size_key} must be a positive multiple of 32 (the patch size), got {size!r}; "
+                      f"e.g. {size_key}={near}")
+    for r in ratios:
+        if not isinstance(r, (int, float)) or isinstance(r, bool):
+            errors.append(f"{ratio_key}: {r!r} is not a number")
+        elif not 0.0 < r < 1.0:
+            errors.append(f"{ratio_key} must lie strictly between 0 and 1, got {r!r}")
+        elif size_ok:
+            try:
+                check_mask_ratio(float(r), (size // 32) ** 2)
+            except ValueError as e:
+                errors.append(f"{ratio_key}: {e} ({size_key}={size})")
+    return errors

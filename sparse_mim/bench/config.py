@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir, is_int
+from ..configs import compose, config_dir, image_and_mask_errors, is_int
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
@@ -94,7 +94,6 @@ def _device(name: str) -> torch.device:
 def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
     from backbones import list_backbones
-    from sparse_mim.spark import check_mask_ratio
 
     c = OmegaConf.to_container(cfg, resolve=True)
     errors: List[str] = []
@@ -109,20 +108,10 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     elif unknown:
         errors.append(f"models: unknown {', '.join(unknown)}; choose from {', '.join(list_backbones())}")
     size = c["img_size"]
-    size_ok = is_int(size) and size > 0 and size % 32 == 0
-    if not size_ok:
-        errors.append(f"img_size must be a positive multiple of 32 (the patch size), got {size!r}")
     ratios = _as_list(c["mask_ratios"])
     if not ratios:
         errors.append("mask_ratios is empty; give e.g. mask_ratios=[0.6]")
-    for r in ratios:
-        if not isinstance(r, (int, float)) or isinstance(r, bool):
-            errors.append(f"mask_ratios: {r!r} is not a number")
-        elif size_ok:
-            try:
-                check_mask_ratio(float(r), (size // 32) ** 2)
-            except ValueError as e:
-                errors.append(f"mask_ratios: {e} (img_size={size})")
+    errors += image_and_mask_errors(size, ratios, "img_size", "mask_ratios")
     for key, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("decoder_width", 1)):
         if not is_int(c[key]) or c[key] < low:
             errors.append(f"{key} must be an integer >= {low}, got {c[key]!r}")

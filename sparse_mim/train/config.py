@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir, is_int
+from ..configs import compose, config_dir, image_and_mask_errors, is_int
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten"]
 
@@ -60,7 +60,6 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     """
     from backbones import create_backbone, list_backbones
     from backbones.registry import UnknownBackboneError
-    from sparse_mim.spark.masking import check_mask_ratio
 
     missing = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if v == "???"]
     if missing:
@@ -74,19 +73,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
         except UnknownBackboneError as e:
             errors.append(f"model: {e}")
 
-    size = cfg.data.img_size
-    size_ok = is_int(size) and size > 0 and size % 32 == 0
-    _require(size_ok, f"data.img_size must be a positive multiple of 32 (the patch size), got {size!r}; "
-             f"e.g. data.img_size={max(32, round(size / 32) * 32) if isinstance(size, (int, float)) else 224}",
-             errors)
-    ratio = cfg.mask_ratio
-    if not isinstance(ratio, (int, float)) or not 0.0 < ratio < 1.0:
-        errors.append(f"mask_ratio must lie strictly between 0 and 1, got {ratio!r}")
-    elif size_ok:
-        try:
-            check_mask_ratio(float(ratio), (size // 32) ** 2)
-        except ValueError as e:
-            errors.append(f"mask_ratio: {e} (data.img_size={size})")
+    errors += image_and_mask_errors(cfg.data.img_size, [cfg.mask_ratio], "data.img_size", "mask_ratio")
 
     t = cfg.train
     batch = t.batch_size
