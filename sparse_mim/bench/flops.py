@@ -40,13 +40,11 @@ def count_flops(workload: Workload, variant: str, what: str, active: torch.Tenso
     from sparse_mim.kernels import count_triton_flops
 
     workload.prepare(variant)
-    graphs, workload.use_graphs = workload.use_graphs, False  # a graph replay is invisible to the counter
-    with FlopCounterMode(display=False, custom_mapping=CORRECTED_FORMULAS) as counter, \
+    with workload.eager(), FlopCounterMode(display=False, custom_mapping=CORRECTED_FORMULAS) as counter, \
             count_triton_flops() as triton_flops:
         loss = workload.forward(variant, what, active)
         forward = counter.get_total_flops() + triton_flops()
         loss.backward()
         total = counter.get_total_flops() + triton_flops()
-    workload.use_graphs = graphs
     workload.prepare(variant)
     return {"fwd": int(forward), "bwd": int(total - forward), "fwd_bwd": int(total)}

@@ -38,16 +38,15 @@ def cuda_peak_mb(workload: Workload, variant: str, what: str, active: torch.Tens
     is allocated once, at capture, so the sparse variant is measured eagerly (the graph's private
     pool holds the same tensors)."""
     device = workload.device
-    graphs, workload.use_graphs = workload.use_graphs, False
     workload.prepare(variant)
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    workload.iteration(variant, what, active)
+    with workload.eager():
+        workload.iteration(variant, what, active)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    workload.use_graphs = graphs
     workload.prepare(variant)
     return (peak - before) / MB
 

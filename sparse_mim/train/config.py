@@ -51,7 +51,6 @@ def _require(ok: bool, message: str, errors: List[str]) -> None:
         errors.append(message)
 
 
-
 def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     """Raise ``ConfigError`` listing everything wrong with ``cfg`` for ``world_size`` processes.
 

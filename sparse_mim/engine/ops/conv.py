@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import scatter_add_rows
-from .window import WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index
+from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index,
+                     tile_rows)
 
 __all__ = ["conv2d"]
 
@@ -56,11 +57,11 @@ class _TileConv(torch.autograd.Function):
             tiles = padded_tiles(features.to(dtype), index)
             weight_c = weight.to(dtype)
             out = F.conv2d(tiles, weight_c, None if bias is None else bias.to(dtype), geom.stride, 0,
-                           geom.dilation, groups)[:, :, :t_out, :t_out]
+                           geom.dilation, groups)
         ctx.save_for_backward(features, weight_c, index)
-        ctx.conf = (geom, groups, out.shape, bias is not None, weight.dtype,
+        ctx.conf = (geom, groups, (out.shape[0], out.shape[1], t_out, t_out), bias is not None, weight.dtype,
                     None if bias is None else bias.dtype, dtype)
-        return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+        return tile_rows(out, t_out)
 
     @staticmethod
     def backward(ctx, grad_rows):
@@ -84,7 +85,7 @@ class _TileConv(torch.autograd.Function):
             g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
             g_features = g_features.to(features.dtype)
         elif g_tiles is not None:
-            rows = g_tiles.permute(0, 2, 3, 1).reshape(-1, g_tiles.shape[1])
+            rows = tile_rows(g_tiles, g_tiles.shape[-1])
             g_features = scatter_add_rows(rows, index.reshape(-1), features.shape[0] + 1)[:-1].to(features.dtype)
         return (g_features, None if g_w is None else g_w.to(w_dtype),
                 None if g_b is None else g_b.to(b_dtype), None, None, None, None)
@@ -108,7 +109,7 @@ def _transposed_tile_conv(grad_rows, weight, index, geom: WindowGeometry, groups
     w = weight.view(groups, c_out // groups, c_in_g, kh, kw).transpose(1, 2)
     w = w.reshape(groups * c_in_g, c_out // groups, kh, kw).flip(-1, -2)
     out = F.conv2d(padded_tiles(grad_rows, index), w, None, 1, 0, geom.dilation, groups)
-    return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
+    return tile_rows(out, out.shape[-1])
 
 
 def _dense_conv(dense, weight, bias, geom: WindowGeometry, groups):
