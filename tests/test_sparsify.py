@@ -205,3 +205,13 @@ def test_total_stride_other_than_32_is_an_error():
 def test_torchvision_model_needs_feature_modules():
     with pytest.raises(UnsupportedLayerError, match="pass feature_modules"):
         sparsify(torchvision.models.resnet18())
+
+
+def test_timm_export_of_a_sparsified_model_loads_with_only_the_head_missing():
+    from sparse_mim.convert.timm_names import timm_classifier_keys, to_timm
+    enc = create_backbone("efficientnet_b0")
+    exported = to_timm(enc.state_dict(), "efficientnet_b0")
+    result = timm.create_model("efficientnet_b0").load_state_dict(exported, strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(timm_classifier_keys("efficientnet_b0"))
+    assert {k.split(".")[0] for k in result.missing_keys} == {"conv_head", "bn2", "classifier"}
