@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -371,10 +373,21 @@ def test_pretraining_checkpoint_with_the_wrong_arch_is_refused():
 
 def test_checkpoint_with_python_objects_falls_back_to_full_unpickling(tmp_path):
     checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
-    checkpoint["config"] = argparse.Namespace(lr=1e-3)
+    checkpoint["config"] = pathlib.PurePosixPath("/runs/r18")  # not on the restricted unpickler's allowlist
     path = tmp_path / "ckpt.pt"
     torch.save(checkpoint, path)
     with pytest.warns(UserWarning, match="weights_only=False"):
+        state_dict, _ = load_encoder_state_dict(path, "resnet18")
+    assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
+
+
+def test_argparse_namespace_of_training_scripts_loads_without_the_unsafe_fallback(tmp_path):
+    checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
+    checkpoint["args"] = argparse.Namespace(lr=1e-3, model="resnet18", input_size=224)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         state_dict, _ = load_encoder_state_dict(path, "resnet18")
     assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
 
@@ -449,6 +462,8 @@ def test_me_layout_round_trips():
     pointwise = torch.randn(4, 6)
     dense_pw = me_kernel_to_dense(pointwise, 1)
     assert dense_pw.shape == (6, 4, 1, 1) and torch.equal(dense_kernel_to_me(dense_pw), pointwise)
+    strided_pw = dense_kernel_to_me(dense_pw, stride=2)  # ME keeps (1, C_in, C_out) for a strided 1x1 conv
+    assert strided_pw.shape == (1, 4, 6) and torch.equal(me_kernel_to_dense(strided_pw, 1), dense_pw)
     depthwise = torch.randn(49, 8)
     assert torch.equal(dense_kernel_to_me(me_kernel_to_dense(depthwise, 7), depthwise=True), depthwise)
     weight = torch.randn(5, 3, 3, 3)
