@@ -50,10 +50,3 @@ def shared_fixture(name: str, probe: str):
             return shared / "fixtures" / name, [str(s) for s in searched]
     return None, [str(s) for s in searched]
 
-
-def pytest_terminal_summary(terminalreporter):
-    """Always print why tests were skipped (a skip must never be silent, even under -q)."""
-    skipped = terminalreporter.stats.get("skipped", [])
-    reasons = sorted({str(r.longrepr[2]) if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
-    if reasons:
-        terminalreporter.write_line(f"{len(skipped)} skipped: " + " | ".join(reasons))
