@@ -472,6 +472,23 @@ def test_me_layout_round_trips():
     assert me_bias_to_dense(bias).shape == (5,) and torch.equal(dense_bias_to_me(me_bias_to_dense(bias)), bias)
 
 
+@pytest.mark.parametrize("kernel", [(1, 1), (2, 2), (3, 3), (7, 7), (2, 3), (7, 3)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_me_layout_round_trips_are_exact_for_asymmetric_kernels(kernel, stride):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, *kernel, dtype=torch.float64)
+    me = dense_kernel_to_me(weight, stride=stride)
+    assert me.shape == ((3, 5) if kernel == (1, 1) and stride == 1 else (kernel[0] * kernel[1], 3, 5))
+    assert torch.equal(me_kernel_to_dense(me, kernel), weight)
+    for a in range(kernel[0]):  # ME's offset index: first spatial axis fastest
+        for b in range(kernel[1]):
+            assert torch.equal(me.reshape(-1, 3, 5)[a + kernel[0] * b], weight[:, :, a, b].t())
+    depthwise = torch.randn(4, 1, *kernel, dtype=torch.float64)
+    me_dw = dense_kernel_to_me(depthwise, depthwise=True)
+    assert me_dw.shape == (kernel[0] * kernel[1], 4)
+    assert torch.equal(me_kernel_to_dense(me_dw, kernel, depthwise=True), depthwise)
+
+
 def test_me_layout_rejects_inconsistent_shapes():
     with pytest.raises(ConversionError, match="needs K = 9"):
         me_kernel_to_dense(torch.randn(8, 2, 3), 3)

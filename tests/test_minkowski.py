@@ -248,3 +248,26 @@ def test_depthwise_kernel_in_me_layout_runs_through_channelwise_convolution(kern
         conv.kernel.copy_(dense_kernel_to_me(weight, depthwise=True))
     out = conv(_me_input(x, active))
     _check_at_active_sites(out, _reference_conv(x, weight, stride, groups=c), stride, active)
+
+
+def test_bench_has_a_minkowski_column_timed_beside_ours(tmp_path):
+    import json
+
+    from sparse_mim.bench import main
+    from sparse_mim.bench.memory import cpu_peak_mb_subprocess
+    from sparse_mim.bench.workload import WorkloadSpec
+
+    threads = torch.get_num_threads()
+    try:
+        assert main(["models=[resnet18]", "mask_ratios=[0.5]", "batch_size=2", "img_size=64", "repeats=1",
+                     "warmup=0", "decoder_width=32", "threads=1", "memory=false", "what=[encoder]", "device=cpu",
+                     "backend=[native,minkowski]", f"output_dir={tmp_path}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (row,) = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(row["time_ms"]["encoder"]) == {"sparse", "dense", "minkowski"}
+    assert row["minkowski_over_sparse"]["encoder"] > 0 and row["maps_ms_minkowski"] > 0
+    assert "encoder fwd+bwd minkowski ms" in (tmp_path / "results.md").read_text()
+    spec = WorkloadSpec(model="resnet18", mask_ratio=0.5, batch_size=2, img_size=64, device="cpu", autocast=False,
+                        channels_last=True, execution="auto", decoder_width=32, seed=0, backends=("native", "minkowski"))
+    assert 0 < cpu_peak_mb_subprocess(spec, "minkowski", "encoder", threads=1, timeout=300) < 2048
