@@ -25,12 +25,21 @@ def list_backbones() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
-    """Build the sparse backbone registered as ``name`` (a timm model name)."""
+def create_backbone(name: str, backend: str = "native", **kwargs) -> nn.Module:
+    """Build the sparse backbone registered as ``name`` (a timm model name).
+
+    ``backend``: who executes its sparse ops, ``native`` (our engine) or ``minkowski``
+    (MinkowskiEngine, optional); parameters and state_dict are the same for both."""
+    from sparse_mim.engine.backend import check_backend, import_minkowski
+
+    check_backend(backend)
+    if backend == "minkowski":
+        import_minkowski()  # fail now, with the install instructions, rather than at the first batch
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise UnknownBackboneError(f"unknown model {name!r}.{hint} Available: {', '.join(list_backbones())}")
     model = _REGISTRY[name](**kwargs)
     model.name = name
+    model.backend = backend
     return model

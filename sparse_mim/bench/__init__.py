@@ -52,7 +52,7 @@ def main(overrides: List[str]) -> int:
     info = {"machine": machine_info(settings.device, ["sparse-mim", "bench", *overrides]),
             "settings": {**OmegaConf.to_container(cfg, resolve=True), "device": str(settings.device),
                          "effective_dtype": settings.effective_dtype, "what": list(settings.what),
-                         "threads": torch.get_num_threads()},
+                         "threads": torch.get_num_threads(), "backends": list(settings.backends)},
             "notes": list(settings.notes)}
     rows = run_all(settings)
     info["machine"]["load_average_end"] = load_average()

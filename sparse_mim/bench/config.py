@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
@@ -47,6 +48,7 @@ class BenchSettings:
     execution_depthwise: Optional[str]    # path of depthwise convs (null = ``execution``'s choice)
     execution_small_tiles: Optional[str]  # path of other windowed ops on tiles < 4x4 (null = auto)
     cuda_graph: bool                      # sparse encoder as one CUDA graph (CUDA only)
+    backends: Tuple[str, ...]             # sparse backends measured: "native" always, "minkowski" optional
     what: Tuple[str, ...]
     memory: bool
     decoder_width: int
@@ -129,6 +131,16 @@ def resolve(cfg: DictConfig) -> BenchSettings:
             errors.append(f"{key} must be null or one of {', '.join(PATHS)}, got {c[key]!r}")
     if c.get("cuda_graph") and device_name_is_cpu(c):
         errors.append("cuda_graph=true needs device=cuda (CUDA graphs)")
+    backends = [str(b) for b in _as_list(c.get("backend", "native"))]
+    if not backends or any(b not in BACKENDS for b in backends):
+        errors.append(f"backend must be one of {', '.join(BACKENDS)} or a list of them, got {c.get('backend')!r}")
+    elif "minkowski" in backends:
+        if not device_name_is_cpu(c):
+            errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine; set device=cpu")
+        try:
+            import_minkowski()
+        except MinkowskiUnavailableError as e:
+            errors.append(str(e))
     what = [str(w) for w in _as_list(c["what"])]
     if not what or any(w not in WHAT for w in what):
         errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
@@ -150,6 +162,6 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
         execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
-        cuda_graph=bool(c.get("cuda_graph", False)),
+        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in BACKENDS if b in backends or b == "native"),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
         seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes))

@@ -73,6 +73,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"model: {e}")
 
     errors += image_and_mask_errors(cfg.data.img_size, [cfg.mask_ratio], "data.img_size", "mask_ratio")
+    errors += _backend_errors(cfg)
 
     t = cfg.train
     batch = t.batch_size
@@ -106,3 +107,24 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
                  f"syncs BatchNorm inside the encoder); got {world_size} processes", errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _backend_errors(cfg: DictConfig) -> List[str]:
+    from sparse_mim.engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
+
+    backend = cfg.get("backend", "native")
+    if backend not in BACKENDS:
+        return [f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"]
+    if backend != "minkowski":
+        return []
+    errors = []
+    if cfg.train.get("cuda_graph"):
+        errors.append("train.cuda_graph=true captures our own engine; it cannot run with backend=minkowski")
+    if _cuda_available():
+        errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine, but a CUDA device would be used; "
+                      "use backend=native on GPUs")
+    try:
+        import_minkowski()
+    except MinkowskiUnavailableError as e:
+        errors.append(str(e))
+    return errors

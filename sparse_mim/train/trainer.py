@@ -176,7 +176,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     _set_determinism(train_cfg["deterministic"])
     _seed_everything(seed + info.rank)
     model = build_spark(arch, mask_ratio=config["mask_ratio"], drop_path_rate=config["drop_path_rate"],
-                        decoder_width=config["decoder_width"]).to(info.device)
+                        decoder_width=config["decoder_width"], backend=config.get("backend", "native")).to(info.device)
     model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"])
     bare = unwrap(model)
     graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: one CUDA process
