@@ -210,3 +210,22 @@ def test_killed_finetune_resumes_from_its_checkpoint_with_identical_losses(datas
     assert rerun.returncode == 0, rerun.stderr
     assert f"at step {saved} of 12" in rerun.stdout + rerun.stderr
     assert [r["loss"] for r in metrics(out) if "loss" in r] == expected
+
+
+# -- torchrun -----------------------------------------------------------------------------------
+def test_torchrun_finetune_matches_one_process_and_gathers_the_whole_val_split(dataset, tmp_path):
+    from test_distributed import torchrun
+
+    args = (*TINY, "train.epochs=1", f"data.path={dataset}")
+    one = run(["python", "-m", "sparse_mim", "finetune", *args, f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = torchrun("-m", "sparse_mim", "finetune", *args, f"output_dir={tmp_path / 'two'}")
+    assert two.returncode == 0, two.stderr[-4000:]
+    a, b = ([r for r in metrics(tmp_path / d) if "loss" in r] for d in ("one", "two"))
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["images"] == 12 and np.asarray(s2["confusion"]).sum() == 12
+    assert s2["top1"] == pytest.approx(s1["top1"], abs=100 / 12 + 1e-9)  # at most one image may flip
+    assert not any(k.startswith("module.") for k in load_finetune_checkpoint(tmp_path / "two" / "checkpoint.pth")["model"])
