@@ -40,8 +40,8 @@ from .init_from import init_from
 from .monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
 from .optim import build_optimizer
 from .rotation import ResumePoint, SaveSchedule, keep_previous, newest_good_checkpoint, prune
-from .throughput import DataWaitWatch
 from .schedules import Schedule
+from .throughput import DataWaitWatch
 
 __all__ = ["RESUME_MUST_MATCH", "PretrainResult", "pretrain"]
 
