@@ -101,3 +101,18 @@ def test_step_checkpoints_rotate_and_a_truncated_newest_is_skipped_on_resume(tmp
     export = load_file(str(out / "encoder_resnet18.safetensors"))
     model = load_checkpoint(out / "checkpoint.pth")["model"]
     assert all(torch.equal(v, model[f"encoder.{k}"]) for k, v in export.items())
+
+
+def test_data_wait_warning_fires_above_the_threshold_and_then_stays_quiet_for_a_while():
+    from sparse_mim.train.throughput import DataWaitWatch
+
+    watch = DataWaitWatch(0.2, window=2, quiet=3)
+    fast, slow = {"data_s": 0.1, "compute_s": 0.9}, {"data_s": 0.5, "compute_s": 0.5}
+    assert [watch.add(fast) for _ in range(2)] == [None, None]
+    assert watch.add(slow) is None
+    warning = watch.add(slow)
+    assert warning.startswith("input pipeline: 50% of the last 2 steps' time was spent waiting for data")
+    assert "data.num_workers" in warning
+    assert all(watch.add(slow) is None for _ in range(4))  # windows 2 and 3 after the warning: quiet
+    assert watch.add(slow) is None and watch.add(slow) is not None
+    assert all(DataWaitWatch(None, window=1).add(slow) is None for _ in range(3))
