@@ -239,3 +239,16 @@ def _select_encoder(
         else:
             dropped[key.split(".", 1)[0]] += 1
     return encoder
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> tuple[object, str | None]:
+    """The raw content of a checkpoint file and the arch its safetensors metadata records (if any);
+    unreadable files raise ConversionError."""
+    return _read_file(Path(path))
+
+
+def all_weights(raw: Mapping) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's weights (encoder and the rest), unwrapped from `model` /
+    `state_dict` / `module` and without DDP/compile prefixes."""
+    weights, _ = _unwrap(raw)
+    return _strip_parallel_prefixes(weights)

@@ -58,8 +58,11 @@ class Monitor:
         if not self.active:
             return
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             img_s=f"{metrics['images_per_sec']:.1f}", refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                   "img_s": f"{metrics['images_per_sec']:.1f}"}
+        if "data_wait" in metrics:  # share of the step spent waiting for the batch
+            postfix["data"] = f"{100 * metrics['data_wait']:.0f}%"
+        self.bar.set_postfix(postfix, refresh=False)
         if write:
             self._metrics.write(json.dumps(metrics) + "\n")
             self._metrics.flush()
