@@ -27,7 +27,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout"],
-        "minkowski": ["MinkowskiEngine"],
+        # built from source after torch: see README "Optional: MinkowskiEngine backend"
+        "minkowski": ["MinkowskiEngine==0.5.4"],
         "detectron2": [],
     },
     entry_points={"console_scripts": ["sparse-mim=sparse_mim.cli:main"]},

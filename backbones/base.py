@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 import torch.nn as nn
 
-from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size
+from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size, use_backend
 
 __all__ = ["SparseBackbone"]
 
@@ -22,6 +22,7 @@ class SparseBackbone(nn.Module):
     feature_strides = (4, 8, 16, 32)
     feature_channels: List[int]
     norm_kind: str  # "batch" (ResNets) or "layer" (ConvNeXts): what SparK's densify norms use
+    backend = "native"  # who runs the sparse ops: "native" or "minkowski" (create_backbone(..., backend=))
 
     @property
     def feature_info(self) -> List[dict]:
@@ -47,7 +48,9 @@ class SparseBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor, active: Optional[torch.Tensor] = None,
                 dense_reference: bool = False):
-        return self.forward_features(self.make_input(images, active, dense_reference))
+        x = self.make_input(images, active, dense_reference)
+        with use_backend(self.backend):
+            return self.forward_features(x)
 
     def forward_features(self, x):
         raise NotImplementedError

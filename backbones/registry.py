@@ -40,12 +40,20 @@ def is_backbone(name: str) -> bool:
     return (base == name and name in _REGISTRY) or _timm_model(base)
 
 
-def create_backbone(name: str, **kwargs) -> nn.Module:
+def create_backbone(name: str, backend: str = "native", **kwargs) -> nn.Module:
     """Build the sparse backbone ``name`` (a timm model name).
+
+    ``backend``: who executes its sparse ops, ``native`` (our engine) or ``minkowski``
+    (MinkowskiEngine, optional); parameters and state_dict are the same for both.
 
     A hand-tuned twin is used where one is registered; any other timm name (or ``sparsify:<name>``,
     to force it) is ``sparsify(timm.create_model(name, **kwargs))`` with timm's own state_dict keys.
     """
+    from sparse_mim.engine.backend import check_backend, import_minkowski
+
+    check_backend(backend)
+    if backend == "minkowski":
+        import_minkowski()  # fail now, with the install instructions, rather than at the first batch
     if not is_backbone(name):
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -57,4 +65,5 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         from .sparsified import sparsify_timm
         model = sparsify_timm(name.removeprefix(SPARSIFY_PREFIX), **kwargs)
     model.name = name
+    model.backend = backend
     return model

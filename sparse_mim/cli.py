@@ -1,6 +1,7 @@
 """The ``sparse-mim`` command (also ``python -m sparse_mim``).
 
     sparse-mim pretrain [key=value ...]     SparK pretraining (configs/pretrain.yaml; torchrun for several GPUs)
+    sparse-mim finetune [key=value ...]     fine-tune / linear-probe / kNN-evaluate weights (configs/finetune.yaml)
     sparse-mim convert CHECKPOINT --to ...  export the pretrained encoder for timm/torchvision/Detectron2
     sparse-mim bench [key=value ...]        sparse vs masked-dense encoder speed
 """
@@ -17,6 +18,9 @@ commands:
                              configs/pretrain.yaml (`sparse-mim pretrain --help` prints them).
                              Rerunning with the same output_dir resumes. Several processes/GPUs:
                              torchrun --nproc_per_node N -m sparse_mim pretrain ...
+  finetune [key=value ...]   fine-tune (mode=finetune), linear-probe (mode=linear) or kNN-evaluate
+                             (mode=knn) pretrained or random weights on train/ and val/ class folders;
+                             `sparse-mim finetune --help` prints the settings
   convert CHECKPOINT ...     export a pretrained encoder (timm, torchvision or Detectron2 names);
                              `sparse-mim convert --help` for the options
   bench [key=value ...]      benchmark the sparse encoder against SparK's masked-dense reference
@@ -25,6 +29,7 @@ examples:
   sparse-mim pretrain                                   # minutes on a CPU, built-in demo images
   sparse-mim pretrain data.path=/data/photos data.img_size=128 train.epochs=50
   sparse-mim pretrain preset=imagenet data.path=/data/imagenet model=resnet50
+  sparse-mim finetune data.path=/data/imagenette weights=outputs/pretrain/resnet18/checkpoint.pth
   sparse-mim convert outputs/pretrain/resnet18/checkpoint.pth --to timm --arch resnet18 --out r18.safetensors
 """
 
@@ -65,6 +70,33 @@ def pretrain(argv: Sequence[str]) -> int:
     return 0
 
 
+def finetune(argv: Sequence[str]) -> int:
+    from sparse_mim.convert import ConversionError
+    from sparse_mim.data import DataError
+    from sparse_mim.finetune import compose_finetune_config, finetune as run_finetune
+    from sparse_mim.train import ConfigError, NonFiniteLossError
+
+    if any(a in ("-h", "--help") for a in argv):
+        from omegaconf import OmegaConf
+
+        print("usage: sparse-mim finetune [key=value ...]   (Hydra overrides)\n\ndefaults (configs/finetune.yaml):\n")
+        print(OmegaConf.to_yaml(compose_finetune_config([a for a in argv if a not in ("-h", "--help")])))
+        return 0
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        return _error("finetune", f"unknown option(s) {' '.join(options)}; settings are given as key=value "
+                      f"(see sparse-mim finetune --help)", 2)
+    try:
+        result = run_finetune(compose_finetune_config(argv))
+    except (ConfigError, DataError, ConversionError) as e:
+        return _error("finetune", e, 2)
+    except NonFiniteLossError as e:
+        return _error("finetune", e, 1)
+    if result.stopped_by is not None:
+        return 128 + result.stopped_by
+    return 0
+
+
 def convert(argv: Sequence[str]) -> int:
     from sparse_mim.convert.cli import main as convert_main
 
@@ -82,7 +114,8 @@ def bench(argv: Sequence[str]) -> int:
     return int(code or 0)
 
 
-COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"pretrain": pretrain, "convert": convert, "bench": bench}
+COMMANDS: Dict[str, Callable[[Sequence[str]], int]] = {"pretrain": pretrain, "finetune": finetune,
+                                                        "convert": convert, "bench": bench}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

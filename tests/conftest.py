@@ -1,5 +1,6 @@
 """Shared test helpers: float64 comparisons of sparse runs against the masked-dense reference."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,3 +38,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-1
     scale = max(expected.abs().max().item(), 1e-30)
     err = (actual - expected).abs().max().item()
     assert err <= tol * max(scale, 1.0), f"{what}: max abs error {err:.3e} (scale {scale:.3e})"
+
+
+def shared_fixture(name: str, probe: str):
+    """(folder, searched): ``shared/fixtures/<name>`` beside the repository or beside any folder above
+    it (CI clones with ``shared/`` next to the checkout; worktrees sit one level deeper)."""
+    root = Path(__file__).resolve().parents[1]
+    searched = [root / "shared"] + [p / "shared" for p in root.parents]
+    for shared in searched:
+        if (shared / "fixtures" / name / probe).is_file():
+            return shared / "fixtures" / name, [str(s) for s in searched]
+    return None, [str(s) for s in searched]
+

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import pathlib
 import pickle
+import warnings
 
 import numpy as np
 import pytest
@@ -371,10 +373,21 @@ def test_pretraining_checkpoint_with_the_wrong_arch_is_refused():
 
 def test_checkpoint_with_python_objects_falls_back_to_full_unpickling(tmp_path):
     checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
-    checkpoint["config"] = argparse.Namespace(lr=1e-3)
+    checkpoint["config"] = pathlib.PurePosixPath("/runs/r18")  # not on the restricted unpickler's allowlist
     path = tmp_path / "ckpt.pt"
     torch.save(checkpoint, path)
     with pytest.warns(UserWarning, match="weights_only=False"):
+        state_dict, _ = load_encoder_state_dict(path, "resnet18")
+    assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
+
+
+def test_argparse_namespace_of_training_scripts_loads_without_the_unsafe_fallback(tmp_path):
+    checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
+    checkpoint["args"] = argparse.Namespace(lr=1e-3, model="resnet18", input_size=224)
+    path = tmp_path / "ckpt.pt"
+    torch.save(checkpoint, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         state_dict, _ = load_encoder_state_dict(path, "resnet18")
     assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
 
@@ -449,12 +462,31 @@ def test_me_layout_round_trips():
     pointwise = torch.randn(4, 6)
     dense_pw = me_kernel_to_dense(pointwise, 1)
     assert dense_pw.shape == (6, 4, 1, 1) and torch.equal(dense_kernel_to_me(dense_pw), pointwise)
+    strided_pw = dense_kernel_to_me(dense_pw, stride=2)  # ME keeps (1, C_in, C_out) for a strided 1x1 conv
+    assert strided_pw.shape == (1, 4, 6) and torch.equal(me_kernel_to_dense(strided_pw, 1), dense_pw)
     depthwise = torch.randn(49, 8)
     assert torch.equal(dense_kernel_to_me(me_kernel_to_dense(depthwise, 7), depthwise=True), depthwise)
     weight = torch.randn(5, 3, 3, 3)
     assert torch.equal(me_kernel_to_dense(dense_kernel_to_me(weight), 3), weight)
     bias = torch.randn(1, 5)
     assert me_bias_to_dense(bias).shape == (5,) and torch.equal(dense_bias_to_me(me_bias_to_dense(bias)), bias)
+
+
+@pytest.mark.parametrize("kernel", [(1, 1), (2, 2), (3, 3), (7, 7), (2, 3), (7, 3)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_me_layout_round_trips_are_exact_for_asymmetric_kernels(kernel, stride):
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, *kernel, dtype=torch.float64)
+    me = dense_kernel_to_me(weight, stride=stride)
+    assert me.shape == ((3, 5) if kernel == (1, 1) and stride == 1 else (kernel[0] * kernel[1], 3, 5))
+    assert torch.equal(me_kernel_to_dense(me, kernel), weight)
+    for a in range(kernel[0]):  # ME's offset index: first spatial axis fastest
+        for b in range(kernel[1]):
+            assert torch.equal(me.reshape(-1, 3, 5)[a + kernel[0] * b], weight[:, :, a, b].t())
+    depthwise = torch.randn(4, 1, *kernel, dtype=torch.float64)
+    me_dw = dense_kernel_to_me(depthwise, depthwise=True)
+    assert me_dw.shape == (kernel[0] * kernel[1], 4)
+    assert torch.equal(me_kernel_to_dense(me_dw, kernel, depthwise=True), depthwise)
 
 
 def test_me_layout_rejects_inconsistent_shapes():

@@ -142,7 +142,8 @@ def test_a_run_leaves_checkpoint_encoder_export_metrics_and_pictures(finished_ru
     assert not [n for n in names if n.endswith(".tmp")]
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
-    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "wd", "grad_norm", "images_per_sec"}
+    assert set(rows[0]) == {"step", "epoch", "loss", "lr", "wd", "grad_norm", "images_per_sec", "data_s",
+                            "compute_s", "data_wait"}
     assert Image.open(out / "reconstructions" / "epoch_0001.png").size[0] > 100
 
 

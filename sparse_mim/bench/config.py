@@ -13,12 +13,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
 CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
-WHAT = ("encoder", "step")
+WHAT = ("encoder", "step", "loader")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
@@ -47,12 +48,16 @@ class BenchSettings:
     execution_depthwise: Optional[str]    # path of depthwise convs (null = ``execution``'s choice)
     execution_small_tiles: Optional[str]  # path of other windowed ops on tiles < 4x4 (null = auto)
     cuda_graph: bool                      # sparse encoder as one CUDA graph (CUDA only)
+    backends: Tuple[str, ...]             # sparse backends measured: "native" always, "minkowski" optional
     what: Tuple[str, ...]
     memory: bool
     decoder_width: int
     seed: int
     output_dir: Path
     notes: Tuple[str, ...]  # what was adjusted (e.g. bfloat16 requested on a CPU)
+    data_path: Optional[str] = None        # what=loader: folder of JPEGs
+    loader_workers: Tuple[int, ...] = ()   # what=loader: worker counts
+    loader_batches: int = 0                # what=loader: timed batches per measurement
 
     @property
     def effective_dtype(self) -> str:
@@ -112,7 +117,8 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     ratios = _as_list(c["mask_ratios"])
     if not ratios:
         errors.append("mask_ratios is empty; give e.g. mask_ratios=[0.6]")
-    errors += image_and_mask_errors(size, ratios, "img_size", "mask_ratios")
+    loader_only = "loader" in _as_list(c["what"])  # no model, no mask: only the image size matters
+    errors += image_and_mask_errors(size, [] if loader_only else ratios, "img_size", "mask_ratios")
     for key, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("decoder_width", 1)):
         if not is_int(c[key]) or c[key] < low:
             errors.append(f"{key} must be an integer >= {low}, got {c[key]!r}")
@@ -130,9 +136,30 @@ def resolve(cfg: DictConfig) -> BenchSettings:
             errors.append(f"{key} must be null or one of {', '.join(PATHS)}, got {c[key]!r}")
     if c.get("cuda_graph") and device_name_is_cpu(c):
         errors.append("cuda_graph=true needs device=cuda (CUDA graphs)")
+    backends = [str(b) for b in _as_list(c.get("backend", "native"))]
+    if not backends or any(b not in BACKENDS for b in backends):
+        errors.append(f"backend must be one of {', '.join(BACKENDS)} or a list of them, got {c.get('backend')!r}")
+    elif "minkowski" in backends:
+        if not device_name_is_cpu(c):
+            errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine; set device=cpu")
+        try:
+            import_minkowski()
+        except MinkowskiUnavailableError as e:
+            errors.append(str(e))
     what = [str(w) for w in _as_list(c["what"])]
     if not what or any(w not in WHAT for w in what):
         errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
+    if "loader" in what:
+        if len(what) > 1:
+            errors.append(f"what=loader runs alone (it measures the input pipeline, not the encoder), got {what}")
+        if c.get("data_path") is None or not Path(str(c["data_path"])).expanduser().is_dir():
+            errors.append(f"what=loader needs data_path=<folder of images with class subfolders>, "
+                          f"got {c.get('data_path')!r}")
+        workers = _as_list(c.get("loader_workers"))
+        if not workers or not all(is_int(w) and w >= 0 for w in workers):
+            errors.append(f"loader_workers must be a non-empty list of integers >= 0, got {workers}")
+        if not is_int(c.get("loader_batches")) or c["loader_batches"] < 1:
+            errors.append(f"loader_batches must be an integer >= 1, got {c.get('loader_batches')!r}")
     device = None
     try:
         device = _device(str(c["device"]))
@@ -151,6 +178,9 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
         execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
-        cuda_graph=bool(c.get("cuda_graph", False)),
+        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in BACKENDS if b in backends or b == "native"),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
-        seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes))
+        seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes),
+        data_path=None if c.get("data_path") is None else str(c["data_path"]),
+        loader_workers=tuple(int(w) for w in _as_list(c.get("loader_workers"))),
+        loader_batches=int(c.get("loader_batches") or 0))

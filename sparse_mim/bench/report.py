@@ -41,6 +41,10 @@ def _header(info: Dict[str, Any]) -> List[str]:
         f"repeats {s['repeats']} (median), sparse execution `{_execution(s)}`, masked-dense baseline "
         f"{'channels_last' if s['channels_last'] else 'contiguous (NCHW)'}, same weights and masks",
     ]
+    if "minkowski" in s.get("backends", ()):
+        lines += ["- minkowski: the same sparse encoder on MinkowskiEngine (backend=minkowski), same weights and "
+                  "masks, interleaved with the others; its map time is its first forward on a batch minus a "
+                  "repeat on the same coordinate manager; no FLOP count (ME's kernels are invisible to the counter)"]
     lines += [f"- note: {n}" for n in info.get("notes", [])]
     return lines
 
@@ -56,23 +60,31 @@ def _execution(s: Dict[str, Any]) -> str:
 
 
 def _time_table(rows: List[Dict[str, Any]], what: List[str]) -> List[str]:
+    me = any(_get(r, "time_ms", w, "minkowski") is not None for r in rows for w in what)
+    variants = ("sparse", "dense", "minkowski") if me else ("sparse", "dense")
     head = ["model", "mask", "visible"]
     for w in what:
         label = "encoder fwd+bwd" if w == "encoder" else "step"
         head += [f"{label} sparse ms", f"{label} dense ms", f"{label} speedup"]
-    head += ["masks+maps ms (% of sparse)"]
+        if me:
+            head += [f"{label} minkowski ms", f"{label} minkowski / sparse"]
+    head += ["masks+maps ms (% of sparse)"] + (["masks+maps minkowski ms"] if me else [])
     for w in what:
-        head += [f"peak MB {w} sparse / dense"]
+        head += [f"peak MB {w} {' / '.join(variants)}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['mask_ratio']:g}", f"{r['len_keep']}/{r['num_patches']}"]
         for w in what:
             cells += [_num(_get(r, "time_ms", w, "sparse")), _num(_get(r, "time_ms", w, "dense")),
                       _num(_get(r, "speedup", w), "{:.2f}x")]
+            if me:
+                cells += [_num(_get(r, "time_ms", w, "minkowski")),
+                          _num(_get(r, "minkowski_over_sparse", w), "{:.2f}x")]
         cells += [f"{_num(r.get('maps_ms'))} ({_num(r.get('maps_pct'))}% of {r.get('maps_pct_of', '-')})"]
+        if me:
+            cells += [_num(r.get("maps_ms_minkowski"))]
         for w in what:
-            cells += [f"{_num(_get(r, 'memory_mb', w, 'sparse'), '{:.0f}')} / "
-                      f"{_num(_get(r, 'memory_mb', w, 'dense'), '{:.0f}')}"]
+            cells += [" / ".join(_num(_get(r, "memory_mb", w, v), "{:.0f}") for v in variants)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -13,7 +13,7 @@ import torch
 
 from .config import BenchSettings
 from .flops import count_flops
-from .maps import map_building_ms
+from .maps import map_building_ms, minkowski_map_building_ms
 from .memory import peak_memory_mb
 from .timing import median_ms, time_variants
 from .workload import VARIANTS, Workload, WorkloadSpec
@@ -27,7 +27,7 @@ def spec_for(settings: BenchSettings, model: str, mask_ratio: float) -> Workload
                         channels_last=settings.channels_last, execution=settings.execution,
                         execution_depthwise=settings.execution_depthwise,
                         execution_small_tiles=settings.execution_small_tiles,
-                        cuda_graph=settings.cuda_graph,
+                        cuda_graph=settings.cuda_graph, backends=settings.backends,
                         decoder_width=settings.decoder_width, seed=settings.seed)
 
 
@@ -55,15 +55,21 @@ def run_configuration(settings: BenchSettings, model: str, mask_ratio: float,
     row["flop_ratio"]["encoder_fwd"] = _ratio(row["flops"]["encoder"]["sparse"]["fwd"],
                                               row["flops"]["encoder"]["dense"]["fwd"])
 
+    variants = spec.variants  # FLOPs: sparse and dense only (MinkowskiEngine's kernels are invisible to the counter)
     for what in settings.what:
         log(f"  {what}: timing {settings.warmup} warmup + {settings.repeats} repeats per variant, interleaved")
         seconds = time_variants(workload, what, masks, settings.warmup, settings.repeats)
-        row["times_ms"][what] = {v: [1000.0 * s for s in seconds[v]] for v in VARIANTS}
-        row["time_ms"][what] = {v: median_ms(seconds[v]) for v in VARIANTS}
+        row["times_ms"][what] = {v: [1000.0 * s for s in seconds[v]] for v in variants}
+        row["time_ms"][what] = {v: median_ms(seconds[v]) for v in variants}
         row["speedup"][what] = _ratio(row["time_ms"][what]["dense"], row["time_ms"][what]["sparse"])
+        if "minkowski" in variants:
+            row.setdefault("minkowski_over_sparse", {})[what] = _ratio(row["time_ms"][what]["minkowski"],
+                                                                       row["time_ms"][what]["sparse"])
 
     log("  masks + coordinate maps: timing")
     row["maps_ms"] = map_building_ms(workload, settings.repeats)
+    if "minkowski" in variants:
+        row["maps_ms_minkowski"] = minkowski_map_building_ms(workload, settings.repeats)
     base = "step" if "step" in settings.what else "encoder"
     row["maps_pct_of"] = base
     row["maps_pct"] = 100.0 * _ratio(row["maps_ms"], row["time_ms"][base]["sparse"])
@@ -72,7 +78,7 @@ def run_configuration(settings: BenchSettings, model: str, mask_ratio: float,
         for what in settings.what:
             log(f"  {what}: peak memory")
             row["memory_mb"][what] = {v: peak_memory_mb(workload, v, what, masks[0], torch.get_num_threads())
-                                      for v in VARIANTS}
+                                      for v in variants}
     return row
 
 

@@ -5,6 +5,8 @@
 * ``sparse``: SparK with the sparse encoder (the engine's native layout; ``execution`` picks its path).
 * ``dense``:  a deep copy with ``dense_reference=True``: SparK's masked-dense simulation on identical
   weights; with ``channels_last`` its inputs and weights are channels_last, as a dense CNN would run.
+* ``minkowski`` (only with ``backends`` naming it): a deep copy of ``sparse`` whose encoder runs on
+  MinkowskiEngine (``backend="minkowski"``): same weights, same masks, same decoder side.
 
 The decoder side (densify projections, LightDecoder) is dense in both and gets the same memory format
 in both, so the step's difference is the encoder's. ``iteration(variant, what, active)`` is one timed
@@ -25,7 +27,7 @@ from sparse_mim.spark import SparK, build_spark, len_keep, random_patch_mask
 
 __all__ = ["WorkloadSpec", "Workload", "VARIANTS", "feature_tensor"]
 
-VARIANTS = ("sparse", "dense")
+VARIANTS = ("sparse", "dense")  # always measured; "minkowski" joins them when asked for
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class WorkloadSpec:
     execution_depthwise: Optional[str] = None    # see sparse_mim.engine.execution
     execution_small_tiles: Optional[str] = None
     cuda_graph: bool = False    # sparse encoder replayed as a CUDA graph (sparse_mim.spark.graphed)
+    backends: Tuple[str, ...] = ("native",)  # "minkowski" adds the MinkowskiEngine variant
+
+    @property
+    def variants(self) -> Tuple[str, ...]:
+        return VARIANTS + (("minkowski",) if "minkowski" in self.backends else ())
 
     @property
     def grid(self) -> Tuple[int, int]:
@@ -72,8 +79,9 @@ def feature_tensor(feature) -> torch.Tensor:
 class Workload:
     """Both variants of one configuration, ready to run; ``variants`` limits which are built."""
 
-    def __init__(self, spec: WorkloadSpec, variants: Tuple[str, ...] = VARIANTS):
+    def __init__(self, spec: WorkloadSpec, variants: Optional[Tuple[str, ...]] = None):
         self.spec = spec
+        variants = spec.variants if variants is None else variants
         self.device = torch.device(spec.device)
         torch.manual_seed(spec.seed)
         sparse = build_spark(spec.model, mask_ratio=spec.mask_ratio, decoder_width=spec.decoder_width,
@@ -92,11 +100,15 @@ class Workload:
                 dense = dense.to(memory_format=torch.channels_last)
                 dense_images = images.contiguous(memory_format=torch.channels_last)
             self.models["dense"], self.images["dense"] = dense, dense_images
+        if spec.channels_last:  # the dense decoder side runs like the baseline's
+            for name, child in sparse.named_children():
+                if name != "encoder":
+                    child.to(memory_format=torch.channels_last)
+        if "minkowski" in variants:
+            minkowski = copy.deepcopy(sparse)
+            minkowski.encoder.backend = "minkowski"
+            self.models["minkowski"], self.images["minkowski"] = minkowski, images
         if "sparse" in variants:
-            if spec.channels_last:  # the dense decoder side runs like the baseline's
-                for name, child in sparse.named_children():
-                    if name != "encoder":
-                        child.to(memory_format=torch.channels_last)
             self.models["sparse"], self.images["sparse"] = sparse, images
 
     # -- inputs ------------------------------------------------------------------------------------

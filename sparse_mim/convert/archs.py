@@ -46,8 +46,9 @@ ARCHS: dict[str, Arch] = {
         Arch("convnext_small", "convnext", True),
         Arch("convnext_base", "convnext", True),
         Arch("convnext_large", "convnext", True),
-        Arch("convnextv2_tiny", "convnext", False),
-        Arch("convnextv2_base", "convnext", False),
+        # ConvNeXt V2 (timm; atto..nano hold their MLPs as 1x1 convs, conv_mlp=True)
+        *(Arch(f"convnextv2_{size}", "convnext", False)
+          for size in ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "huge")),
     )
 }
 

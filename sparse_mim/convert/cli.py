@@ -1,36 +1,46 @@
-"""`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2 --arch NAME --out FILE`."""
+"""`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2|minkowski --arch NAME --out FILE`.
+
+The source's layout is detected: sparse-mim and reference-SparK checkpoints, timm/official ConvNeXt
+names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `sources.py`)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from .archs import ARCHS, get_arch
 from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
 from .errors import ConversionError
+from .minkowski_checkpoints import to_minkowski
 from .sources import load_encoder_state_dict
 from .timm_names import timm_classifier_keys, to_timm
 from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
-from .writers import STATE_DICT_SUFFIXES, save_state_dict
+from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
 
-_SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",)}
-_ARCHS = {"timm": tuple(ARCHS), "torchvision": TORCHVISION_ARCHS, "detectron2": DETECTRON2_ARCHS}
+_SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",),
+             "minkowski": (".pth", ".pt")}
+_ARCHS = {"timm": tuple(ARCHS), "torchvision": TORCHVISION_ARCHS, "detectron2": DETECTRON2_ARCHS,
+          "minkowski": tuple(ARCHS)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-mim convert",
-        description="Export the pretrained encoder of a sparse-mim checkpoint for fine-tuning.",
+        description="Export the pretrained encoder of a sparse-mim checkpoint for fine-tuning. Sources may "
+        "also be reference-SparK or ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights "
+        "(detected). --to minkowski writes MinkowskiEngine's layout (FCMAE's for ConvNeXt V2).",
     )
     parser.add_argument("checkpoint", help="pretraining checkpoint or encoder state_dict "
                         "(.pth, .pt or .safetensors)")
-    parser.add_argument("--to", required=True, choices=tuple(_SUFFIXES), help="target naming")
+    parser.add_argument("--to", required=True, choices=tuple(_SUFFIXES), help="target naming / layout")
     parser.add_argument("--arch", required=True, metavar="NAME",
                         help=f"timm name of the backbone: {', '.join(ARCHS)}, or (for --to timm) any timm "
                         "model name that was pretrained through sparsify")
     parser.add_argument("--out", required=True, type=Path,
-                        help="output file: .pth/.pt/.safetensors (timm, torchvision) or .pkl "
-                        "(detectron2)")
+                        help="output file: .pth/.pt/.safetensors (timm, torchvision), .pkl "
+                        "(detectron2) or .pth/.pt (minkowski)")
     return parser
 
 
@@ -47,6 +57,10 @@ def _convert(args: argparse.Namespace) -> None:
     if args.to == "detectron2":
         written = to_detectron2(state_dict, args.arch, args.out)["model"]
         left_to_target = []
+    elif args.to == "minkowski":
+        written = to_minkowski(state_dict, args.arch)
+        atomic_write(args.out, lambda tmp: torch.save({"model": written, "arch": args.arch}, tmp))
+        left_to_target = timm_classifier_keys(args.arch)
     else:
         convert = to_timm if args.to == "timm" else to_torchvision
         written = convert(state_dict, args.arch)
@@ -54,7 +68,8 @@ def _convert(args: argparse.Namespace) -> None:
         classifier_keys = timm_classifier_keys if args.to == "timm" else torchvision_classifier_keys
         left_to_target = classifier_keys(args.arch)
 
-    print(f"wrote {len(written)} tensors ({args.to} names, {args.arch}) to {args.out}")
+    described = "MinkowskiEngine layout" if args.to == "minkowski" else f"{args.to} names"
+    print(f"wrote {len(written)} tensors ({described}, {args.arch}) to {args.out}")
     if dropped:
         groups = (f"{group} ({n} tensor{'' if n == 1 else 's'})" for group, n in dropped.items())
         print("dropped: " + ", ".join(groups))

@@ -6,14 +6,20 @@ kernel as a cross-correlation like conv2d (no flip), so
 
     W_dense[o, i, a, b] = K_me[a + kh * b, i, o]
 
-A 1x1 kernel is stored as `(C_in, C_out)`, a depthwise (channelwise) kernel as `(K, C)` and a bias
-as `(1, C_out)`.
+A 1x1 kernel is stored as `(C_in, C_out)` only at stride 1 (MinkowskiEngine then runs it as a plain
+matrix product); a strided 1x1 convolution (a ResNet downsample) keeps `(1, C_in, C_out)`. A
+depthwise (channelwise) kernel is `(K, C)` and a bias `(1, C_out)`.
 """
 from __future__ import annotations
 
 import torch
 
 from .errors import ConversionError
+
+
+def _stride_of(stride: int | tuple[int, int]) -> int:
+    s = _extent(stride)
+    return max(s)
 
 
 def _extent(kernel_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -60,10 +66,11 @@ def me_kernel_to_dense(
     return kernel.t()[:, :, None, None].contiguous()
 
 
-def dense_kernel_to_me(weight: torch.Tensor, *, depthwise: bool = False) -> torch.Tensor:
+def dense_kernel_to_me(weight: torch.Tensor, *, depthwise: bool = False, stride: int = 1) -> torch.Tensor:
     """Conv2d weight -> ME kernel; the inverse of `me_kernel_to_dense`. `(C_out, C_in, kh, kw)` ->
-    `(kh*kw, C_in, C_out)`, or `(C_in, C_out)` when 1x1; with `depthwise=True`, `(C, 1, kh, kw)` ->
-    `(kh*kw, C)`."""
+    `(kh*kw, C_in, C_out)`, or `(C_in, C_out)` for a 1x1 kernel at `stride` 1 (the shape
+    MinkowskiEngine gives a stride-1 1x1 convolution; strided ones keep `(1, C_in, C_out)`); with
+    `depthwise=True`, `(C, 1, kh, kw)` -> `(kh*kw, C)`."""
     if weight.dim() != 4:
         raise ConversionError(f"expected a 4-D Conv2d weight, found shape {tuple(weight.shape)}")
     c_out, c_in, kh, kw = weight.shape
@@ -73,7 +80,7 @@ def dense_kernel_to_me(weight: torch.Tensor, *, depthwise: bool = False) -> torc
                 f"a depthwise Conv2d weight has shape (C, 1, kh, kw), found {tuple(weight.shape)}"
             )
         return weight[:, 0].permute(2, 1, 0).reshape(kh * kw, c_out).contiguous()
-    if kh == kw == 1:
+    if kh == kw == 1 and _stride_of(stride) == 1:
         return weight[:, :, 0, 0].t().contiguous()
     return weight.permute(3, 2, 1, 0).reshape(kh * kw, c_in, c_out).contiguous()
 

@@ -10,11 +10,15 @@ Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or an in-memory dict):
   encoder state_dict; its ConvNeXts use the official ConvNeXt key names (`downsample_layers.*`,
   `stages.i.j.dwconv`, ...), which are renamed to timm's by timm's own `checkpoint_filter_fn`
   (this needs the arch, e.g. `--arch convnext_small`);
+- a ConvNeXt V2 FCMAE pretraining checkpoint (the official MinkowskiEngine encoder under `encoder.*`,
+  see `fcmae.py`): its decoder side is dropped and its encoder converted to timm names and shapes;
+- our backbones' weights in MinkowskiEngine's layout (`sparse-mim convert --to minkowski`, `*.kernel`);
 - any of the above with DDP (`module.`) or torch.compile (`_orig_mod.`) prefixes.
 Classifier keys (`fc.*`, `head.*`) are never part of an encoder and are dropped as well.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import warnings
@@ -27,6 +31,8 @@ import torch
 
 from .archs import CLASSIFIER_PREFIXES, check_arch
 from .errors import ConversionError
+from .fcmae import fcmae_to_timm, is_fcmae_layout
+from .minkowski_checkpoints import from_minkowski_layout, is_minkowski_layout
 
 PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
 ENCODER_PREFIX = "encoder."
@@ -57,6 +63,10 @@ def load_encoder_state_dict(
     ckpt = read_encoder_checkpoint(src)
     if arch is not None:
         check_arch(ckpt.arch, arch)
+    if is_fcmae_layout(ckpt.state_dict):
+        return fcmae_to_timm(ckpt.state_dict, arch), ckpt.dropped
+    if is_minkowski_layout(ckpt.state_dict):
+        return from_minkowski_layout(ckpt.state_dict, arch or ckpt.arch), ckpt.dropped
     if OFFICIAL_CONVNEXT_MARK in ckpt.state_dict:
         return _from_official_convnext_names(ckpt.state_dict, arch or ckpt.arch, dict(ckpt.dropped))
     return ckpt.state_dict, ckpt.dropped
@@ -127,9 +137,16 @@ def _read_file(path: Path) -> tuple[object, str | None]:
         raise ConversionError(f"could not read checkpoint {path}: {e}") from e
 
 
+#: Python objects that checkpoints of well-known training scripts hold beside their tensors and that
+#: the restricted unpickler may rebuild: the official MAE / ConvNeXt(-V2) / SparK scripts save their
+#: `argparse.Namespace` under `args`.
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+
 def _torch_load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # A checkpoint whose config holds arbitrary Python objects needs the full unpickler, which
         # can run code from the file. Fall back only for a readable checkpoint that names such
@@ -222,3 +239,16 @@ def _select_encoder(
         else:
             dropped[key.split(".", 1)[0]] += 1
     return encoder
+
+
+def read_checkpoint_file(path: str | os.PathLike) -> tuple[object, str | None]:
+    """The raw content of a checkpoint file and the arch its safetensors metadata records (if any);
+    unreadable files raise ConversionError."""
+    return _read_file(Path(path))
+
+
+def all_weights(raw: Mapping) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's weights (encoder and the rest), unwrapped from `model` /
+    `state_dict` / `module` and without DDP/compile prefixes."""
+    weights, _ = _unwrap(raw)
+    return _strip_parallel_prefixes(weights)

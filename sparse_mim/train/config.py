@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,6 +47,10 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _require(ok: bool, message: str, errors: List[str]) -> None:
     if not ok:
         errors.append(message)
@@ -73,6 +78,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"model: {e}")
 
     errors += image_and_mask_errors(cfg.data.img_size, [cfg.mask_ratio], "data.img_size", "mask_ratio")
+    errors += _backend_errors(cfg)
 
     t = cfg.train
     batch = t.batch_size
@@ -97,6 +103,20 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
              f"data.num_workers must be an integer >= 0, got {cfg.data.num_workers!r}", errors)
     _require(is_int(t.log_every) and t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every!r}",
              errors)
+    _require(t.save_every_steps is None or (is_int(t.save_every_steps) and t.save_every_steps >= 1),
+             f"train.save_every_steps must be null or an integer >= 1, got {t.save_every_steps!r}", errors)
+    _require(t.save_every_minutes is None or (_is_number(t.save_every_minutes) and t.save_every_minutes > 0),
+             f"train.save_every_minutes must be null or a number > 0, got {t.save_every_minutes!r}", errors)
+    _require(is_int(t.keep_checkpoints) and t.keep_checkpoints >= 1,
+             f"train.keep_checkpoints must be an integer >= 1, got {t.keep_checkpoints!r}", errors)
+    wait = cfg.data.wait_warning
+    _require(wait is None or (_is_number(wait) and 0 < wait < 1),
+             f"data.wait_warning must be null or a share in (0, 1), e.g. 0.2, got {wait!r}", errors)
+    _require(cfg.init_from is None or isinstance(cfg.init_from, str),
+             f"init_from must be a file path or null, got {cfg.init_from!r}", errors)
+    if isinstance(cfg.init_from, str) and not Path(cfg.init_from).expanduser().is_file():
+        errors.append(f"init_from={cfg.init_from}: no such file; pass a checkpoint or state dict that "
+                      f"`sparse-mim convert` reads")
     _require(cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
              f"drop_path_rate must be null or in [0, 1), got {cfg.drop_path_rate!r}", errors)
     if t.get("cuda_graph"):
@@ -106,3 +126,24 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
                  f"syncs BatchNorm inside the encoder); got {world_size} processes", errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _backend_errors(cfg: DictConfig) -> List[str]:
+    from sparse_mim.engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
+
+    backend = cfg.get("backend", "native")
+    if backend not in BACKENDS:
+        return [f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"]
+    if backend != "minkowski":
+        return []
+    errors = []
+    if cfg.train.get("cuda_graph"):
+        errors.append("train.cuda_graph=true captures our own engine; it cannot run with backend=minkowski")
+    if _cuda_available():
+        errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine, but a CUDA device would be used; "
+                      "use backend=native on GPUs")
+    try:
+        import_minkowski()
+    except MinkowskiUnavailableError as e:
+        errors.append(str(e))
+    return errors

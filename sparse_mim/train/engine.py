@@ -54,7 +54,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     """Train from global ``step`` until the loader ends, ``stop_step`` is reached or a stop is
     requested. Returns ``(step after the last update, unreadable images skipped on this rank)``.
 
-    ``on_step`` gets each step's metrics (loss averaged over ranks). A NaN/inf loss or gradient
+    ``on_step`` gets each step's metrics (loss averaged over ranks; ``data_s`` = this rank's wait for
+    the batch, ``compute_s`` = the rest of the step up to the update, ``data_wait`` = the waiting
+    share of the two, ``images_per_sec`` = global batch / their sum). A NaN/inf loss or gradient
     norm raises ``NonFiniteLossError`` before the update (on every rank alike). ``forward`` replaces
     ``model(images, active)`` (e.g. ``sparse_mim.spark.graphed.GraphedSparK``).
     """
@@ -66,6 +68,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     skipped = 0
     tic = time.perf_counter()
     for images, n_skipped in loader:
+        fetched = time.perf_counter()
         skipped += int(n_skipped.sum())
         lr, wd = schedule.lr(step), schedule.wd(step)
         apply_schedule(optimizer, lr, wd)
@@ -91,9 +94,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
         if info.device.type == "cuda":
             torch.cuda.synchronize(info.device)
         toc = time.perf_counter()
+        data_s, compute_s = fetched - tic, toc - fetched
         on_step({"step": step, "epoch": epoch + 1, "loss": loss_value, "lr": lr, "wd": wd,
-                 "grad_norm": grad_norm, "images_per_sec": global_batch / max(toc - tic, 1e-9)})
-        tic = toc
+                 "grad_norm": grad_norm, "images_per_sec": global_batch / max(toc - tic, 1e-9),
+                 "data_s": data_s, "compute_s": compute_s, "data_wait": data_s / max(toc - tic, 1e-9)})
         if step >= stop_step or stop_requested():
             break
+        tic = time.perf_counter()  # logging and step checkpoints count as neither data nor compute
     return step, skipped

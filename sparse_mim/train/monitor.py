@@ -58,13 +58,28 @@ class Monitor:
         if not self.active:
             return
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                             img_s=f"{metrics['images_per_sec']:.1f}", refresh=False)
+        postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                   "img_s": f"{metrics['images_per_sec']:.1f}"}
+        if "data_wait" in metrics:  # share of the step spent waiting for the batch
+            postfix["data"] = f"{100 * metrics['data_wait']:.0f}%"
+        self.bar.set_postfix(postfix, refresh=False)
         if write:
             self._metrics.write(json.dumps(metrics) + "\n")
             self._metrics.flush()
-            for key in ("loss", "lr", "wd", "grad_norm", "images_per_sec"):
-                self.tb.add_scalar(f"train/{key}", metrics[key], metrics["step"])
+            for key, value in metrics.items():
+                if key not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{key}", value, metrics["step"])
+
+    def log_eval(self, metrics: Dict[str, float]) -> None:
+        """Append an evaluation record (``step`` plus ``val_*`` numbers) without advancing the bar."""
+        if not self.active:
+            return
+        self._metrics.write(json.dumps(metrics) + "\n")
+        self._metrics.flush()
+        for key, value in metrics.items():
+            if key not in ("step", "epoch"):
+                self.tb.add_scalar(f"eval/{key}", value, metrics["step"])
+        self.message(", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
 
     def set_description(self, text: str) -> None:
         if self.active:
@@ -120,9 +135,10 @@ def save_reconstruction_png(grid: torch.Tensor, columns: int, path: Path, title:
     return path
 
 
-def save_loss_curve(metrics_path: str | Path, path: str | Path, title: str) -> Optional[Path]:
+def save_loss_curve(metrics_path: str | Path, path: str | Path, title: str,
+                    ylabel: str = "masked-patch MSE (normalised targets)") -> Optional[Path]:
     """Loss against step from ``metrics.jsonl`` (with a running average); None if nothing was logged."""
-    metrics = read_metrics(metrics_path)
+    metrics = [m for m in read_metrics(metrics_path) if "loss" in m]
     if not metrics:
         return None
     import matplotlib
@@ -141,7 +157,7 @@ def save_loss_curve(metrics_path: str | Path, path: str | Path, title: str) -> O
     ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
     ax.plot(steps, smooth, lw=1.8, label=f"mean of {window} steps" if window > 1 else "loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("masked-patch MSE (normalised targets)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     if all(math.isfinite(v) and v > 0 for v in losses) and max(losses) / min(losses) > 20:
         ax.set_yscale("log")

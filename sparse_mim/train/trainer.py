@@ -2,9 +2,12 @@
 
     result = pretrain(compose_config(["train.epochs=2"]))
 
-The run resumes by itself when ``output_dir/checkpoint.pth`` exists. It checkpoints at the end of
-every epoch, at ``train.max_steps``, and on SIGINT/SIGTERM (after finishing the current step); a
-NaN/inf loss stops it without touching the last checkpoint.
+The run resumes by itself from the newest good checkpoint in ``output_dir`` (see ``rotation``); a
+fresh run may start from existing weights with ``init_from`` (see ``init_from``). It checkpoints at
+the end of every epoch, every ``train.save_every_steps`` steps / ``train.save_every_minutes``
+minutes, at ``train.max_steps``, and on SIGINT/SIGTERM (after finishing the current step); a
+NaN/inf loss stops it without touching the last checkpoint. Under ``torchrun --max-restarts=N`` a
+restarted group resumes the same way.
 """
 from __future__ import annotations
 
@@ -28,14 +31,17 @@ from sparse_mim.spark.graphed import GraphedSparK
 from sparse_mim.spark.masking import patch_grid, random_patch_mask
 
 from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, rng_state,
-                         save_checkpoint, set_rng_state)
+                         save_checkpoint, save_encoder, set_rng_state)
 from .config import ConfigError, flatten, to_plain, validate_config
 from .distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, env_world_size,
                           init_distributed, shutdown, unwrap, wrap_model)
 from .engine import train_one_epoch
+from .init_from import init_from
 from .monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
 from .optim import build_optimizer
+from .rotation import ResumePoint, SaveSchedule, keep_previous, newest_good_checkpoint, prune
 from .schedules import Schedule
+from .throughput import DataWaitWatch
 
 __all__ = ["RESUME_MUST_MATCH", "PretrainResult", "pretrain"]
 
@@ -111,13 +117,22 @@ def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, d
         raise ConfigError(f"cannot resume {path}: these differ from the checkpoint's run ("
                           + "; ".join(clashes) + "). Restore them, or use a new output_dir")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k != "train.max_steps"]
+            if old.get(k) != new.get(k) and k not in ("train.max_steps", "init_from")]
 
 
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any],
+def _find_resume_point(output_dir: Path) -> Optional[ResumePoint]:
+    try:
+        return newest_good_checkpoint(output_dir, load_checkpoint)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _resume(point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: Dict[str, Any],
             data_state: Dict[str, int], rank: int, notes: List[str]) -> int:
-    """Load model, optimizer and this rank's generators from ``path``; return the step to continue from."""
-    ckpt = load_checkpoint(path)
+    """Load model, optimizer and this rank's generators from ``point``; return the step to continue from."""
+    path, ckpt = point.path, point.checkpoint
+    for problem in point.skipped:
+        notes.append(f"skipped an unusable checkpoint: {problem}")
     changed = _check_resumable(ckpt, config, path, data_state)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -176,8 +191,12 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     _set_determinism(train_cfg["deterministic"])
     _seed_everything(seed + info.rank)
     model = build_spark(arch, mask_ratio=config["mask_ratio"], drop_path_rate=config["drop_path_rate"],
-                        decoder_width=config["decoder_width"]).to(info.device)
-    model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"])
+                        decoder_width=config["decoder_width"], backend=config.get("backend", "native"))
+    resume_point = _find_resume_point(output_dir)
+    init_report = None
+    if config.get("init_from") and resume_point is None:
+        init_report = init_from(model, config["init_from"], arch)  # before DDP: every rank loads the same
+    model = wrap_model(model.to(info.device), info, sync_bn=train_cfg["sync_bn"])
     bare = unwrap(model)
     graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: one CUDA process
     optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"])
@@ -196,12 +215,21 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     notes = [f"data: {dataset.describe()}; {steps_per_epoch} steps per epoch of {train_cfg['batch_size']} images"
              + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
     step = resumed_from = None
-    if ckpt_path.exists():
-        step = resumed_from = _resume(ckpt_path, bare, optimizer, config, data_state, info.rank, notes)
+    if resume_point is not None:
+        step = resumed_from = _resume(resume_point, bare, optimizer, config, data_state, info.rank, notes)
+        if config.get("init_from"):
+            notes.append(f"init_from={config['init_from']} not used: resuming {output_dir} wins (its checkpoint "
+                         f"holds the run's own weights); use another output_dir to start from init_from")
     step = step or 0
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
+        if init_report is not None:
+            notes += init_report.lines()
+            notes.append(f"init_from: written to {init_report.write(output_dir)}")
+        if resume_point is not None and not resume_point.is_newest_name:
+            # the export must match the checkpoint the run continues from, not the unusable newer one
+            save_encoder(bare.encoder, output_dir / encoder_export_name(arch), arch)
     barrier()
 
     monitor = Monitor(output_dir, active=info.is_main, start_step=step, total_steps=total_steps,
@@ -210,14 +238,27 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
         monitor.message(note)
     visual = _visual_batch(dataset, train_cfg["vis_images"]).to(info.device) if info.is_main else None
 
-    def save() -> None:
+    keep = train_cfg["keep_checkpoints"]
+    schedule_saves = SaveSchedule(train_cfg["save_every_steps"], train_cfg["save_every_minutes"])
+    # the step of the file now named checkpoint.pth, when it is a good one (it gets a step name on rotation)
+    last_saved = resumed_from if resume_point is not None and resume_point.is_newest_name else None
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        if at_step == last_saved:
+            return
         states = all_gather_objects(rng_state())
         if info.is_main:
-            epoch, batch_in_epoch = divmod(step, steps_per_epoch)
+            epoch, batch_in_epoch = divmod(at_step, steps_per_epoch)
             rng = {**states[0], "other_ranks": states[1:],
                    "sampler": {**data_state, "epoch": epoch, "batch_in_epoch": batch_in_epoch}}
-            save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epoch, step=step,
+            if keep > 1 and last_saved is not None:
+                keep_previous(output_dir, last_saved)
+            save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epoch, step=at_step,
                             config=config, arch=arch, rng=rng)
+            prune(output_dir, keep)
+        last_saved = at_step
+        schedule_saves.saved()
         barrier()
 
     def picture(name: str, title: str) -> None:
@@ -225,22 +266,32 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
             monitor.log_reconstruction(_reconstruct(model, visual, seed), name, step, title)
 
     losses: List[float] = []
+    data_watch = DataWaitWatch(data_cfg["wait_warning"], window=min(50, steps_per_epoch))
+    current = {"step": step}
 
     def on_step(metrics: Dict[str, float]) -> None:
         losses.append(metrics["loss"])
+        current["step"] = metrics["step"]
         monitor.log_step(metrics, write=metrics["step"] % train_cfg["log_every"] == 0
                          or metrics["step"] == total_steps)
+        warning = data_watch.add(metrics)
+        if warning:
+            monitor.message(warning)
 
     stopped_by: Optional[int] = None
     try:
         with _StopRequest() as stop:
             def stop_requested() -> bool:
-                """Whether any rank got a signal; every rank gets the same answer at the same step."""
+                """Whether any rank got a signal (then stop), else save if a step checkpoint is due
+                (rank 0's clock decides); every rank gets the same answers at the same step."""
                 nonlocal stopped_by
-                signum = stop.signum or 0
+                at_step = current["step"]
+                flags = [stop.signum or 0, int(info.is_main and at_step < total_steps and schedule_saves.due(at_step))]
                 if info.distributed:
-                    signum = int(all_reduce_max(torch.tensor(signum, device=info.device)).item())
-                stopped_by = signum or None
+                    flags = all_reduce_max(torch.tensor(flags, device=info.device)).tolist()
+                stopped_by = int(flags[0]) or None
+                if stopped_by is None and flags[1]:
+                    save(at_step)
                 return stopped_by is not None
 
             while step < total_steps and stopped_by is None:
@@ -256,7 +307,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                 if skipped:
                     monitor.message(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s), each replaced by "
                                     f"the next readable one")
-                save()
+                save(step)
                 if step % steps_per_epoch == 0:
                     picture(f"epoch_{epoch + 1:04d}", f"{arch}, epoch {epoch + 1}, step {step}")
                 elif stopped_by is not None or step >= total_steps:

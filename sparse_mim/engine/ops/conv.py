@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import scatter_add_rows
 from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index,
@@ -25,6 +26,9 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         raise ValueError(f"conv expects {weight.shape[1] * groups} input channels, got {x.num_channels}")
     if isinstance(x, MaskedDenseTensor):
         return _masked_dense(x, weight, bias, geom, groups, out_stride)
+    if current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.conv2d(x, weight, bias, geom, groups)
     if geom.pointwise and groups == 1:
         return _pointwise(x, weight, bias, geom, out_stride)
     path = choose_path(x, geom, depthwise=groups > 1 and groups == x.num_channels)

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows
 from .sample import per_sample_sum
@@ -96,6 +97,9 @@ def _rows(x: SiteTensor):
 def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
     """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites."""
     group = _sync_group(bn) if sync else None
+    if group is None and isinstance(x, SparseTensor) and current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.batch_norm(x, bn)
     if group is None and bn.weight is not None and bn.bias is not None:
         view = _rows(x)
         f = view[0] if view else None
@@ -183,6 +187,9 @@ def sync_batch_norm_dense(x: torch.Tensor, bn) -> torch.Tensor:
 
 def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
     """LayerNorm over the channels of each active site (channels_first and channels_last alike)."""
+    if isinstance(x, SparseTensor) and current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.layer_norm(x, ln)
     if isinstance(x, SparseTensor):
         return x.replace(F.layer_norm(x.features, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
     d = x.dense_features.permute(0, 2, 3, 1)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..coords import SparseInputError
+from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, gather_tiles,
                      tile_rows)
@@ -45,6 +46,9 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None)
         out = _dense_max_pool(filled, geom) if border is None else _bordered_max_pool(filled, geom, border)
         out_active = x.manager.active_mask(out_stride)[:, None]
         return MaskedDenseTensor(torch.where(out_active, out, torch.zeros_like(out)), x.manager, out_stride)
+    if current_backend() == "minkowski" and border is None:
+        from .. import minkowski
+        return minkowski.max_pool2d(x, geom)
     path = "canvas" if border is not None else choose_path(x, geom)
     if path == "canvas" and border is not None:
         dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
@@ -76,6 +80,9 @@ def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
             raise SparseInputError("avg_pool2d has no dilation")
         out = pool(x.dense_features) / pool(mask).clamp(min=1e-12)
         return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
+    if current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.avg_pool2d(x, geom)
     path = choose_path(x, geom)
     ones = x.replace(torch.ones_like(x.features[:, :1]))
     if path in ("tiles", "canvas"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows
 
@@ -32,6 +33,9 @@ def global_avg_pool(x: SiteTensor) -> torch.Tensor:
     if isinstance(x, MaskedDenseTensor):
         mask = x.mask()
         return x.dense_features.sum((2, 3)) / mask.sum((2, 3))
+    if current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.global_avg_pool(x)
     counts = per_sample_sum(x, torch.ones_like(x.features[:, :1]))
     return per_sample_sum(x, x.features) / counts
 
@@ -44,6 +48,9 @@ def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e
         n = g / (g.mean(1, keepdim=True) + eps)
         out = d + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), d * n)
         return x.masked(out)
+    if current_backend() == "minkowski":
+        from .. import minkowski
+        return minkowski.grn(x, weight, bias, eps)
     f = x.features
     g = _safe_sqrt(per_sample_sum(x, f * f))
     n = _per_row(x, g / (g.mean(1, keepdim=True) + eps))

@@ -1,0 +1,106 @@
+"""``init_from=PATH``: start a pretraining run from existing weights (not a resume).
+
+The encoder comes through the converter (``sparse_mim.convert``): any file ``sparse-mim convert``
+reads (timm state dicts, torchvision ResNets, which share timm's names, our exports and checkpoints,
+the reference SparK's files with official ConvNeXt names), checked key by key and shape by shape
+against timm's model. Densify norms, mask tokens, densify projections and the
+decoder are loaded too when the file has them (our checkpoints, the reference SparK's
+``*_withdecoder_1kpretrained_spark_style.pth``), all or nothing. Optimizer, step and schedule always
+start fresh. What was loaded and what starts fresh is returned, printed and written to
+``output_dir/init_from.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from sparse_mim.convert import ConversionError, to_timm
+from sparse_mim.convert.archs import check_arch
+from sparse_mim.convert.sources import all_weights, read_checkpoint_file
+from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
+from sparse_mim.convert.verify import key_problems, shapes_of
+from sparse_mim.convert.writers import atomic_write
+
+from .config import ConfigError
+
+__all__ = ["INIT_LOG_NAME", "InitReport", "init_from"]
+
+INIT_LOG_NAME = "init_from.json"
+
+
+@dataclass
+class InitReport:
+    source: str
+    arch: str
+    loaded: Dict[str, int] = field(default_factory=dict)  # group -> tensors loaded from the file
+    fresh: List[str] = field(default_factory=list)        # groups initialised fresh
+    spark_config: Optional[dict] = None                   # the reference SparK's config entry, if any
+
+    def lines(self) -> List[str]:
+        loaded = ", ".join(f"{group} ({n} tensors)" for group, n in self.loaded.items())
+        out = [f"init_from {self.source}: loaded {loaded}"]
+        if self.fresh:
+            out.append(f"init_from: initialised fresh (not in the file): {', '.join(self.fresh)}")
+        out.append("init_from: optimizer, step and schedule start fresh")
+        return out
+
+    def write(self, output_dir: str | os.PathLike) -> Path:
+        text = json.dumps(asdict(self), indent=2, default=str) + "\n"
+        return atomic_write(Path(output_dir) / INIT_LOG_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def _group_of(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _check_head(head: Dict[str, torch.Tensor], model: nn.Module, path: str, spark_config: Optional[dict]) -> None:
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _group_of(k) in HEAD_GROUPS}
+    problems = key_problems(shapes_of(head), expected)
+    if problems is None:
+        return
+    width = (spark_config or {}).get("dense_decoder.width")
+    hint = f" The file's decoder width is {width}: pass decoder_width={width}." if width else \
+        " Check decoder_width (the file's decoder must have the same width)."
+    raise ConfigError(f"init_from={path}: its densify/decoder weights do not fit this model: {problems}\n"
+                      f"{hint.strip()} To load the encoder only, convert it first: sparse-mim convert "
+                      f"{path} --to timm --arch ARCH --out encoder.safetensors")
+
+
+def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitReport:
+    """Load ``path`` into the SparK ``model`` (bare, before DDP) whose encoder is ``arch``.
+
+    Raises ``ConfigError`` naming the problem (unreadable file, another architecture, missing or
+    misshaped keys) before any weight of ``model`` changes.
+    """
+    path = str(Path(path).expanduser())
+    try:
+        raw, file_arch = read_checkpoint_file(path)
+        if not isinstance(raw, dict):
+            raise ConversionError(f"expected the file to hold a dict of weights, found {type(raw).__name__}")
+        raw, spark_config = split_spark_config(raw)
+        check_arch(file_arch, arch)
+        encoder = to_timm(raw, arch)
+        head = spark_head_state_dict(all_weights(raw))
+    except ConversionError as e:
+        raise ConfigError(f"init_from={path}: {e}") from None
+    if head:
+        _check_head(head, model, path, spark_config)
+
+    # timm's keys are our encoder's (checked above against timm's model); load strictly anyway
+    model.encoder.load_state_dict(encoder, strict=True)
+    report = InitReport(path, arch, {"encoder": len(encoder)}, spark_config=spark_config)
+    if head:
+        model.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.items()}, **head}, strict=True)
+    for group in HEAD_GROUPS:
+        n = sum(1 for k in head if _group_of(k) == group)
+        if n:
+            report.loaded[group] = n
+        elif any(_group_of(k) == group for k in model.state_dict()):
+            report.fresh.append(group)
+    return report
