@@ -325,3 +325,18 @@ def test_stride_one_tile_conv_input_gradient_needs_no_scatter(monkeypatch, kerne
     conv = SparseConv2d(cin, cin if groups == "dw" else 6, kernel, 1, padding, dilation, groups=g).to(DT)
     for in_stride in (4, 16):
         compare(conv, cin, in_stride, patch_mask("random", 2, (2, 3)), "tiles")
+
+
+@pytest.mark.parametrize("groups", (1, 3))
+def test_group_norm_is_per_sample_over_active_sites(groups):
+    from sparse_mim.engine import SparseGroupNorm
+    gn = SparseGroupNorm(groups, 6).to(DT)
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    out = compare(gn, 6, 8, patch_mask("random", 3, (2, 3)))
+    # all visible: equal to the dense GroupNorm
+    x = torch.randn(2, 6, 16, 24, dtype=DT)
+    manager = PatchCoordinateManager(torch.ones(2, 2, 3, dtype=torch.bool), 32)
+    assert_close(gn(pair(x, manager, 4)[0]).dense(), torch.nn.functional.group_norm(x, groups, gn.weight, gn.bias, gn.eps),
+                 1e-10, "all visible")
+    assert out.num_channels == 6

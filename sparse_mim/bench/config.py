@@ -98,7 +98,7 @@ def _device(name: str) -> torch.device:
 
 def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
-    from backbones import list_backbones
+    from backbones import is_backbone, list_backbones
 
     c = OmegaConf.to_container(cfg, resolve=True)
     errors: List[str] = []
@@ -107,11 +107,12 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     if extra:
         errors.append(f"unknown setting(s) {', '.join(extra)}; the settings are {', '.join(sorted(known))}")
     models = [str(m) for m in _as_list(c["models"])]
-    unknown = [m for m in models if m not in list_backbones()]
+    unknown = [m for m in models if not is_backbone(m)]
     if not models:
         errors.append(f"models is empty; give e.g. models=[resnet50] (choose from {', '.join(list_backbones())})")
     elif unknown:
-        errors.append(f"models: unknown {', '.join(unknown)}; choose from {', '.join(list_backbones())}")
+        errors.append(f"models: unknown {', '.join(unknown)}; choose a timm model name (hand-tuned: "
+                      f"{', '.join(list_backbones())}; 'sparsify:<name>' forces the general path)")
     size = c["img_size"]
     ratios = _as_list(c["mask_ratios"])
     if not ratios:

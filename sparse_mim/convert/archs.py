@@ -54,13 +54,25 @@ ARCHS: dict[str, Arch] = {
 
 
 def get_arch(name: str, *, target: str = "timm", supported: tuple[str, ...] | None = None) -> Arch:
-    """Look up `name`; `supported` narrows the choice for targets that cover fewer archs."""
+    """Look up `name`; `supported` narrows the choice for targets that cover fewer archs.
+
+    For the timm target any timm model name is an arch (family "timm"): a sparsified encoder keeps
+    timm's own keys, and the export is verified against `timm.create_model(name)` itself."""
     choices = supported if supported is not None else tuple(ARCHS)
-    if name not in choices:
-        raise ConversionError(
-            f"arch {name!r} cannot be converted to {target}; supported archs: {', '.join(choices)}"
-        )
-    return ARCHS[name]
+    if name in choices:
+        return ARCHS[name]
+    if supported is None and target == "timm" and _is_timm_model(name):
+        return Arch(name, "timm", in_torchvision=False)
+    anything = " or any timm model name" if supported is None and target == "timm" else ""
+    raise ConversionError(
+        f"arch {name!r} cannot be converted to {target}; supported archs: {', '.join(choices)}{anything}"
+    )
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
 
 
 def check_arch(pretrained_as: str | None, asked: str) -> None:

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="pretraining checkpoint or encoder state_dict "
                         "(.pth, .pt or .safetensors)")
     parser.add_argument("--to", required=True, choices=tuple(_SUFFIXES), help="target naming / layout")
-    parser.add_argument("--arch", required=True, choices=tuple(ARCHS), metavar="NAME",
-                        help=f"timm name of the backbone: {', '.join(ARCHS)}")
+    parser.add_argument("--arch", required=True, metavar="NAME",
+                        help=f"timm name of the backbone: {', '.join(ARCHS)}, or (for --to timm) any timm "
+                        "model name that was pretrained through sparsify")
     parser.add_argument("--out", required=True, type=Path,
                         help="output file: .pth/.pt/.safetensors (timm, torchvision), .pkl "
                         "(detectron2) or .pth/.pt (minkowski)")

@@ -13,17 +13,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+from .errors import UnsupportedOperationError
+from .ops.conv import dense_conv2d
 from .ops.norm import sync_batch_norm_dense
 from .ops.window import WindowGeometry
 from .tensor import SiteTensor
 
-__all__ = ["SparseConv2d", "SparseLinear", "SparseBatchNorm2d", "SparseSyncBatchNorm", "SparseLayerNorm",
+__all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLinear", "SparseBatchNorm2d",
+           "SparseSyncBatchNorm", "SparseGroupNorm", "SparseLayerNorm",
            "SparseMaxPool2d", "SparseAvgPool2d", "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
            "SparseActivation", "SparseReLU", "SparseReLU6", "SparseGELU", "convert_sync_batchnorm"]
 
 
+def _check_layout(module: nn.Module, x: SiteTensor) -> None:
+    """``module.layout`` (when set) is the logical layout its dense twin reads: a channels-last
+    Linear fed an NCHW map would mix the width axis in dense PyTorch, so it is refused here."""
+    want = module.layout
+    if want is not None and x.layout != want:
+        raise UnsupportedOperationError(
+            f"{type(module).__name__} expects a {want.upper()} input (as its dense twin reads it), got "
+            f"{x.layout.upper()}; permute the tensor as the dense model does")
+
+
 class SparseConv2d(nn.Conv2d):
-    """``nn.Conv2d`` on active sites: submanifold at stride 1, coarser mask as output when strided."""
+    """``nn.Conv2d`` on active sites: submanifold at stride 1, coarser mask as output when strided.
+
+    ``geometry`` may carry asymmetric padding (timm's ``Conv2dSame``: TF 'SAME' padding, static for
+    inputs that are multiples of the stride); subclasses change the weight (``conv_weight``).
+    """
+
+    layout = "nchw"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -31,32 +50,79 @@ class SparseConv2d(nn.Conv2d):
             raise ValueError("sparse convolution supports padding_mode='zeros' only")
         self.geometry = WindowGeometry.make(self.kernel_size, self.stride, self.padding, self.dilation)
 
+    def conv_weight(self) -> torch.Tensor:
+        return self.weight
+
     def forward(self, x):
         if isinstance(x, SiteTensor):
-            return ops.conv2d(x, self.weight, self.bias, self.geometry, self.groups)
-        return super().forward(x)
+            _check_layout(self, x)
+            return ops.conv2d(x, self.conv_weight(), self.bias, self.geometry, self.groups)
+        return dense_conv2d(x, self.conv_weight(), self.bias, self.geometry, self.groups)
+
+
+class SparseStdConv2d(SparseConv2d):
+    """Weight-standardised conv (timm ``StdConv2d``, BiT): each filter normalised to zero mean and unit
+    variance (eps ``eps``) before convolving; the standardisation depends on weights only."""
+
+    def __init__(self, *args, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eps = eps
+
+    def conv_weight(self) -> torch.Tensor:
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
+                            momentum=0.0, eps=self.eps).reshape_as(self.weight)
+
+
+class SparseScaledStdConv2d(SparseConv2d):
+    """Scaled weight standardisation (timm ``ScaledStdConv2d``, NFNets): standardised filters times
+    ``gain * gamma / sqrt(fan_in)``."""
+
+    def __init__(self, *args, gamma: float = 1.0, eps: float = 1e-6, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def conv_weight(self) -> torch.Tensor:
+        return F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                            weight=(self.gain * self.scale).view(-1), training=True, momentum=0.0,
+                            eps=self.eps).reshape_as(self.weight)
 
 
 class SparseLinear(nn.Linear):
     """Per-site ``nn.Linear`` (channels-last MLPs)."""
 
+    layout = None  # sparsify sets "nhwc": the dense twin reads channels last
+
     def forward(self, x):
         if isinstance(x, SiteTensor):
+            _check_layout(self, x)
             return ops.linear(x, self.weight, self.bias)
         return super().forward(x)
 
 
-class SparseBatchNorm2d(nn.BatchNorm2d):
+class _NormAct:
+    """timm's ``BatchNormAct2d`` / ``GroupNormAct``: a norm followed by its ``drop`` and ``act`` children
+    (absent on plain norms)."""
+
+    def _post(self, y):
+        drop, act = self._modules.get("drop"), self._modules.get("act")
+        if drop is not None:
+            y = drop(y)
+        return y if act is None else act(y)
+
+
+class SparseBatchNorm2d(_NormAct, nn.BatchNorm2d):
     """BatchNorm with statistics over active sites only (BatchNorm1d over the N_active x C rows)."""
 
     sync = False
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
-            return ops.batch_norm(x, self, sync=self.sync)
+            return self._post(ops.batch_norm(x, self, sync=self.sync))
         if self.sync:
-            return sync_batch_norm_dense(x, self)
-        return super().forward(x)
+            return self._post(sync_batch_norm_dense(x, self))
+        return self._post(super().forward(x))
 
 
 class SparseSyncBatchNorm(SparseBatchNorm2d):
@@ -69,8 +135,22 @@ class SparseSyncBatchNorm(SparseBatchNorm2d):
         self.process_group = process_group
 
 
+class SparseGroupNorm(_NormAct, nn.GroupNorm):
+    """GroupNorm with statistics per sample and group over that sample's ACTIVE sites only."""
+
+    layout = "nchw"
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            _check_layout(self, x)
+            return self._post(ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+        return self._post(super().forward(x))
+
+
 class SparseLayerNorm(nn.LayerNorm):
     """LayerNorm over channels at active sites. ``channels_first`` only records the dense layout."""
+
+    layout = None  # sparsify sets the layout the dense twin reads ("nchw" for LayerNorm2d)
 
     def __init__(self, normalized_shape, eps: float = 1e-6, channels_first: bool = False, **kwargs):
         super().__init__(normalized_shape, eps=eps, **kwargs)
@@ -78,6 +158,7 @@ class SparseLayerNorm(nn.LayerNorm):
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
+            _check_layout(self, x)
             return ops.layer_norm(x, self)
         if self.channels_first:
             return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
@@ -86,15 +167,28 @@ class SparseLayerNorm(nn.LayerNorm):
 
 
 class SparseMaxPool2d(nn.MaxPool2d):
-    """Max over the *active* sites of each window (see ``ops.pool`` for the semantics)."""
+    """Max over the *active* sites of each window (see ``ops.pool`` for the semantics).
 
-    def __init__(self, kernel_size, stride=None, padding=0, dilation=1):
+    ``border`` (None = excluded, like -inf padding) is the value of padding outside the image: BiT's
+    stem pads with zeros (``ConstantPad2d(1, 0)``) before an unpadded max pool, which ``sparsify``
+    fuses into one pool with ``border=0``.
+    """
+
+    layout = "nchw"
+
+    def __init__(self, kernel_size, stride=None, padding=0, dilation=1, border=None):
         super().__init__(kernel_size, stride, padding, dilation)
         self.geometry = WindowGeometry.make(kernel_size, self.stride, padding, dilation)
+        self.border = border
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
-            return ops.max_pool2d(x, self.geometry)
+            _check_layout(self, x)
+            return ops.max_pool2d(x, self.geometry, self.border)
+        if self.border is not None:
+            g = self.geometry
+            x = F.pad(x, (g.pad_lo[1], g.pad_hi[1], g.pad_lo[0], g.pad_hi[0]), value=self.border)
+            return F.max_pool2d(x, g.kernel, g.stride, 0, g.dilation)
         return super().forward(x)
 
 
@@ -105,14 +199,19 @@ class SparseAvgPool2d(nn.AvgPool2d):
         super().__init__(kernel_size, stride, padding, count_include_pad=False)
         self.geometry = WindowGeometry.make(kernel_size, self.stride, padding)
 
+    layout = "nchw"
+
     def forward(self, x):
         if isinstance(x, SiteTensor):
+            _check_layout(self, x)
             return ops.avg_pool2d(x, self.geometry)
         return super().forward(x)
 
 
 class SparseGRN(nn.Module):
     """ConvNeXt V2 Global Response Normalisation, per sample over its active sites (timm names)."""
+
+    layout = None  # sparsify sets "nhwc" (timm's channels-last GRN)
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -122,6 +221,7 @@ class SparseGRN(nn.Module):
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
+            _check_layout(self, x)
             return ops.grn(x, self.weight, self.bias, self.eps)
         g = x.norm(p=2, dim=(1, 2), keepdim=True)  # dense channels-last, as timm
         n = g / (g.mean(dim=-1, keepdim=True) + self.eps)

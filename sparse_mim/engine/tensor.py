@@ -18,10 +18,95 @@ __all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor"]
 
 
 class SiteTensor:
-    """Behaviour shared by both containers: stride, manager, elementwise ops."""
+    """Behaviour shared by both containers: stride, manager, elementwise ops.
+
+    Both take part in torch's ``__torch_function__`` protocol, so the glue code of an ordinary
+    model's ``forward`` (residual adds, functional activations, channel scaling, ``torch.cat``,
+    ``permute`` around channels-last MLPs, squeeze-excitation means) runs on them unchanged;
+    ``sparse_mim.engine.functions`` holds the table of what is supported and why.
+    ``layout`` is the *logical* layout a dense model would see: ``"nchw"`` (the default) or
+    ``"nhwc"`` after ``permute(0, 2, 3, 1)``; the data never moves (rows are layout-free, the
+    masked-dense map stays NCHW).
+    """
 
     manager: CoordinateManager
     stride: int
+    layout: str = "nchw"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        from .functions import dispatch
+        return dispatch(func, args, kwargs or {})
+
+    def _torch(self, name: str):
+        """``x.name(...)`` for a torch.Tensor method ``name``: routed through ``__torch_function__``."""
+        method = getattr(torch.Tensor, name)
+        return lambda *args, **kwargs: self.__torch_function__(method, (type(self),), (self,) + args, kwargs)
+
+    def __getattr__(self, name: str):
+        if not name.startswith("_") and callable(getattr(torch.Tensor, name, None)):
+            return self._torch(name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    # -- what a dense model's forward may ask of its input ------------------------------------------
+    @property
+    def data(self) -> torch.Tensor:
+        """The underlying torch tensor (rows, or the masked-dense map)."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> torch.Size:
+        """The dense shape this tensor stands for, in its logical layout."""
+        h, w = self.spatial_shape
+        b, c = self.batch_size, self.num_channels
+        return torch.Size((b, c, h, w) if self.layout == "nchw" else (b, h, w, c))
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> int:
+        return 4
+
+    ndim = property(dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.data.is_cuda
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.data.requires_grad
+
+    def _binary(name):
+        def op(self, other):
+            return self.__torch_function__(getattr(torch.Tensor, name), (type(self),), (self, other))
+        op.__name__ = name
+        return op
+
+    __add__, __radd__, __iadd__ = _binary("__add__"), _binary("__radd__"), _binary("__iadd__")
+    __sub__, __rsub__, __isub__ = _binary("__sub__"), _binary("__rsub__"), _binary("__isub__")
+    __mul__, __rmul__, __imul__ = _binary("__mul__"), _binary("__rmul__"), _binary("__imul__")
+    __truediv__, __itruediv__ = _binary("__truediv__"), _binary("__itruediv__")
+    del _binary
+
+    def __neg__(self):
+        return self.__torch_function__(torch.Tensor.neg, (type(self),), (self,))
+
+    def __getitem__(self, index):
+        return self.__torch_function__(torch.Tensor.__getitem__, (type(self),), (self, index))
+
+    def _same_kind(self, out: "SiteTensor") -> "SiteTensor":
+        if self.layout != "nchw":
+            out.layout = self.layout
+        return out
 
     @property
     def batch_size(self) -> int:
@@ -100,7 +185,11 @@ class SparseTensor(SiteTensor):
         """Same sites, new features (no checks: for ops that keep the row set)."""
         out = SparseTensor.__new__(SparseTensor)
         out.features, out.manager, out.stride = features, self.manager, self.stride
-        return out
+        return self._same_kind(out)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.features
 
     # -- views ---------------------------------------------------------------------------------------
     @property
@@ -129,10 +218,6 @@ class SparseTensor(SiteTensor):
     # -- elementwise -------------------------------------------------------------------------------
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "SparseTensor":
         return self.replace(fn(self.features))
-
-    def __add__(self, other: "SparseTensor") -> "SparseTensor":
-        self._check_same_sites(other)
-        return self.replace(self.features + other.features)
 
     def scale_channels(self, gamma: torch.Tensor) -> "SparseTensor":
         return self.replace(self.features * gamma)
@@ -173,7 +258,11 @@ class MaskedDenseTensor(SiteTensor):
     def replace(self, dense: torch.Tensor) -> "MaskedDenseTensor":
         out = MaskedDenseTensor.__new__(MaskedDenseTensor)
         out.dense_features, out.manager, out.stride = dense, self.manager, self.stride
-        return out
+        return self._same_kind(out)
+
+    @property
+    def data(self) -> torch.Tensor:
+        return self.dense_features
 
     def masked(self, dense: torch.Tensor) -> "MaskedDenseTensor":
         """Wrap ``dense`` after zeroing its inactive sites."""
@@ -194,10 +283,6 @@ class MaskedDenseTensor(SiteTensor):
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "MaskedDenseTensor":
         out = fn(self.dense_features)
         return self.replace(out) if zero_preserving else self.masked(out)
-
-    def __add__(self, other: "MaskedDenseTensor") -> "MaskedDenseTensor":
-        self._check_same_sites(other)
-        return self.replace(self.dense_features + other.dense_features)
 
     def scale_channels(self, gamma: torch.Tensor) -> "MaskedDenseTensor":
         return self.replace(self.dense_features * gamma.view(1, -1, 1, 1))

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from backbones import create_backbone
+from backbones import SPARSIFY_PREFIX, create_backbone
 
 from .decoder import LightDecoder
 from .densify import densify_norm, densify_projection, fill_mask_token, mask_token, sites_of
@@ -126,6 +126,6 @@ def build_spark(name: str, drop_path_rate: Optional[float] = None, mask_ratio: f
     ``drop_path_rate`` defaults to SparK's pretraining value for ``name`` (``DEFAULT_DROP_PATH``).
     """
     if drop_path_rate is None:
-        drop_path_rate = DEFAULT_DROP_PATH.get(name, 0.0)
+        drop_path_rate = DEFAULT_DROP_PATH.get(name.removeprefix(SPARSIFY_PREFIX), 0.0)
     encoder = create_backbone(name, drop_path_rate=drop_path_rate, **backbone_kwargs)
     return SparK(encoder, mask_ratio=mask_ratio, decoder_width=decoder_width, dense_reference=dense_reference)

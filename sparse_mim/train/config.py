@@ -62,7 +62,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     Checks the model name, image size, mask ratio, batch split and schedule numbers; the data path
     is checked when the dataset is built (also before training).
     """
-    from backbones import create_backbone, list_backbones
+    from backbones import create_backbone, is_backbone
     from backbones.registry import UnknownBackboneError
 
     missing = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if v == "???"]
@@ -71,7 +71,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
                           f"e.g. data.path=/data/imagenet")
 
     errors: List[str] = []
-    if cfg.model not in list_backbones():
+    if not is_backbone(str(cfg.model)):
         try:
             create_backbone(cfg.model)
         except UnknownBackboneError as e:

@@ -1,36 +1,35 @@
-"""LAMB for SparK pretraining: betas by backbone family, eps 1e-6, no decay on 1-D params/biases/tokens.
+"""LAMB for SparK pretraining: betas by normalisation family, eps 1e-6, no decay on 1-D params/biases/tokens.
 
 Gradient clipping (global norm) happens in the training step, not inside the optimizer, so the
 step can report the gradient norm; timm's built-in LAMB clipping is therefore switched off.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Type
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch.nn as nn
 from timm.optim import Lamb
 
-from backbones.convnext import SparseConvNeXt
-from backbones.resnet import SparseResNet
 from sparse_mim.spark.params import param_groups
 
 __all__ = ["LAMB_BETAS", "LAMB_EPS", "lamb_betas", "build_optimizer"]
 
-#: SparK's LAMB betas per backbone family (spec §6).
-LAMB_BETAS: Dict[Type[nn.Module], Tuple[float, float]] = {
-    SparseResNet: (0.9, 0.95),
-    SparseConvNeXt: (0.9, 0.999),
+#: SparK's LAMB betas (spec §6) by the encoder's ``norm_kind``: (0.9, 0.95) for its BatchNorm
+#: ResNets, (0.9, 0.999) for its LayerNorm ConvNeXts; any other CNN follows its normalisation.
+LAMB_BETAS: Dict[str, Tuple[float, float]] = {
+    "batch": (0.9, 0.95),
+    "layer": (0.9, 0.999),
 }
 LAMB_EPS = 1e-6
 
 
 def lamb_betas(encoder: nn.Module) -> Tuple[float, float]:
-    """The betas of ``encoder``'s family (looked up by its class)."""
-    for family, betas in LAMB_BETAS.items():
-        if isinstance(encoder, family):
-            return betas
-    raise ValueError(f"no LAMB betas known for backbone {type(encoder).__name__}; set train.betas=[b1,b2] "
-                     f"or add its family to LAMB_BETAS in {__name__}")
+    """The betas of ``encoder``'s normalisation family (its ``norm_kind``)."""
+    kind = getattr(encoder, "norm_kind", None)
+    if kind not in LAMB_BETAS:
+        raise ValueError(f"no LAMB betas known for backbone {type(encoder).__name__} (norm_kind={kind!r}); set "
+                         f"train.betas=[b1,b2] or give it a norm_kind of {', '.join(LAMB_BETAS)}")
+    return LAMB_BETAS[kind]
 
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float,

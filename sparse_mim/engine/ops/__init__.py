@@ -1,10 +1,10 @@
 """Functional ops on SparseTensor / MaskedDenseTensor: one place per op's semantics."""
 from .conv import conv2d
 from .linear import linear
-from .norm import batch_norm, layer_norm
+from .norm import batch_norm, group_norm, layer_norm
 from .pool import avg_pool2d, max_pool2d
 from .sample import drop_path, global_avg_pool, grn, per_sample_sum
 from .window import WindowGeometry, current_execution, execution
 
-__all__ = ["conv2d", "linear", "batch_norm", "layer_norm", "avg_pool2d", "max_pool2d", "drop_path",
+__all__ = ["conv2d", "linear", "batch_norm", "group_norm", "layer_norm", "avg_pool2d", "max_pool2d", "drop_path",
            "global_avg_pool", "grn", "per_sample_sum", "WindowGeometry", "execution", "current_execution"]

@@ -14,7 +14,7 @@ from .gather import scatter_add_rows
 from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index,
                      tile_rows)
 
-__all__ = ["conv2d"]
+__all__ = ["conv2d", "dense_conv2d"]
 
 
 def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: WindowGeometry,
@@ -36,7 +36,7 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         rows = _TileConv.apply(x.features, weight, bias, tile_index(x, geom), geom, groups,
                                x.manager.tile_side(out_stride))
     elif path == "canvas":
-        dense = _dense_conv(x.dense(), weight, bias, geom, groups)
+        dense = dense_conv2d(x.dense(), weight, bias, geom, groups)
         rows = canvas_rows(dense, x, out_stride)
     elif path == "implicit_gemm" and (groups == 1 or groups == x.num_channels == weight.shape[0]):
         rows = _implicit_gemm(x, weight, bias, geom, groups)
@@ -116,7 +116,8 @@ def _transposed_tile_conv(grad_rows, weight, index, geom: WindowGeometry, groups
     return tile_rows(out, out.shape[-1])
 
 
-def _dense_conv(dense, weight, bias, geom: WindowGeometry, groups):
+def dense_conv2d(dense, weight, bias, geom: WindowGeometry, groups):
+    """The dense convolution ``geom`` describes (asymmetric padding included)."""
     if geom.pad_lo != geom.pad_hi:
         dense = F.pad(dense, (geom.pad_lo[1], geom.pad_hi[1], geom.pad_lo[0], geom.pad_hi[0]))
         return F.conv2d(dense, weight, bias, geom.stride, 0, geom.dilation, groups)
@@ -124,7 +125,7 @@ def _dense_conv(dense, weight, bias, geom: WindowGeometry, groups):
 
 
 def _masked_dense(x: MaskedDenseTensor, weight, bias, geom, groups, out_stride) -> MaskedDenseTensor:
-    out = _dense_conv(x.dense_features, weight, bias, geom, groups)
+    out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
     return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
 
 

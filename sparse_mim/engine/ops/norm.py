@@ -15,10 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backend import current_backend
-from ..tensor import SiteTensor, SparseTensor
+from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows
+from .sample import per_sample_sum
 
-__all__ = ["batch_norm", "layer_norm", "sync_batch_norm_dense"]
+__all__ = ["batch_norm", "group_norm", "layer_norm", "sync_batch_norm_dense"]
 
 #: Masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters back;
 #: tests set this to take that path on CPU as well.
@@ -194,3 +195,32 @@ def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
     d = x.dense_features.permute(0, 2, 3, 1)
     out = F.layer_norm(d, ln.normalized_shape, ln.weight, ln.bias, ln.eps).permute(0, 3, 1, 2)
     return x.masked(out)
+
+
+def group_norm(x: SiteTensor, num_groups: int, weight, bias, eps: float) -> SiteTensor:
+    """GroupNorm per sample and group over that sample's active sites (two-pass mean / biased variance,
+    as ``F.group_norm``); masked sites never enter the statistics."""
+    b, c, g = x.batch_size, x.num_channels, num_groups
+    if c % g:
+        raise ValueError(f"group_norm: {c} channels are not divisible into {g} groups")
+    if isinstance(x, MaskedDenseTensor):
+        d, mask = x.dense_features, x.mask()
+        count = mask.sum((2, 3)) * (c // g)                                   # (B, 1)
+        mean = d.sum((2, 3)).view(b, g, -1).sum(-1) / count                   # (B, G)
+        centred = (d - mean.repeat_interleave(c // g, 1)[:, :, None, None]) * mask
+        var = (centred * centred).sum((2, 3)).view(b, g, -1).sum(-1) / count
+        scale = torch.rsqrt(var + eps).repeat_interleave(c // g, 1)[:, :, None, None]
+        out = centred * scale
+        if weight is not None:
+            out = out * weight.view(1, -1, 1, 1) + bias.view(1, -1, 1, 1)
+        return x.masked(out)
+    f = x.features
+    rows = x.manager.batch_index(x.stride)
+    count = per_sample_sum(x, torch.ones_like(f[:, :1])) * (c // g)
+    mean = per_sample_sum(x, f).view(b, g, -1).sum(-1) / count
+    centred = f - gather_rows(mean.repeat_interleave(c // g, 1), rows)
+    var = per_sample_sum(x, centred * centred).view(b, g, -1).sum(-1) / count
+    out = centred * gather_rows(torch.rsqrt(var + eps).repeat_interleave(c // g, 1), rows)
+    if weight is not None:
+        out = torch.addcmul(bias, out, weight)
+    return x.replace(out)

@@ -36,20 +36,24 @@ def _dense_max_pool(dense: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     return F.max_pool2d(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
 
 
-def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
+def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None) -> SiteTensor:
+    """Max over active neighbours; ``border`` (if not None) is the value of padding outside the image."""
     geom.check_grid(x.spatial_shape)
     out_stride = x.stride * geom.stride
     if isinstance(x, MaskedDenseTensor):
         active = x.active_mask()[:, None]
         filled = x.dense_features.masked_fill(~active, float("-inf"))
-        out = _dense_max_pool(filled, geom)
+        out = _dense_max_pool(filled, geom) if border is None else _bordered_max_pool(filled, geom, border)
         out_active = x.manager.active_mask(out_stride)[:, None]
         return MaskedDenseTensor(torch.where(out_active, out, torch.zeros_like(out)), x.manager, out_stride)
-    if current_backend() == "minkowski":
+    if current_backend() == "minkowski" and border is None:
         from .. import minkowski
         return minkowski.max_pool2d(x, geom)
-    path = choose_path(x, geom)
-    if path == "tiles":
+    path = "canvas" if border is not None else choose_path(x, geom)
+    if path == "canvas" and border is not None:
+        dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
+        rows = canvas_rows(_bordered_max_pool(dense, geom, border), x, out_stride)
+    elif path == "tiles":
         tiles = gather_tiles(x, geom, fill=float("-inf"))
         out = F.max_pool2d(tiles, geom.kernel, geom.stride, 0, geom.dilation)
         rows = tile_rows(out, x.manager.tile_side(out_stride))
@@ -60,6 +64,10 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
     else:
         rows = gather_neighbors(x, geom, fill=float("-inf")).amax(1)
     return SparseTensor(rows, manager=x.manager, stride=out_stride)
+
+
+def _bordered_max_pool(dense: torch.Tensor, geom: WindowGeometry, border: float) -> torch.Tensor:
+    return F.max_pool2d(_padded(dense, geom, border), geom.kernel, geom.stride, 0, geom.dilation)
 
 
 def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:

@@ -1,0 +1,200 @@
+"""Any CNN as a sparse SparK encoder: ``sparsify(model)`` around a timm or torchvision model.
+
+The model's own ``forward`` runs unchanged on the engine's tensors (its layers swapped for sparse
+twins by ``sparse_mim.engine.sparsify_layers``). The four feature maps at strides 4, 8, 16, 32 are
+read from the modules named in the model's ``feature_info`` (timm) or in ``feature_modules``, through
+forward hooks; the forward stops after the last one, and the layers after it (pooling, classifier,
+timm's EfficientNet ``conv_head``) are replaced by ``Identity`` up front, so they are neither
+checked, nor run, nor part of the encoder's state_dict. A timm ``features_only`` model, which
+returns its maps itself, is used as it is.
+
+The backbone registers the model's own children under their own names, so its state_dict keys are
+the model's (for a full timm model: timm's keys minus the head; export is the identity).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from sparse_mim.engine import SiteTensor, SparseLayerNorm, sparsify_layers
+from sparse_mim.engine.errors import UnsupportedLayerError
+
+from .base import SparseBackbone
+
+__all__ = ["SparsifiedBackbone", "sparsify", "sparsify_timm"]
+
+STRIDES = (4, 8, 16, 32)
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the last feature module: nothing after it is needed."""
+
+
+class SparsifiedBackbone(SparseBackbone):
+    """A dense model run sparsely; ``model(images, active)`` -> 4 maps at strides 4, 8, 16, 32."""
+
+    def __init__(self, model: nn.Module, feature_modules: Optional[Sequence[str]] = None):
+        super().__init__()
+        if feature_modules is None and _returns_feature_list(model):
+            info = model.feature_info
+            picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
+            self._list_indices = [i for i, _ in picks]
+            self._paths: List[str] = []
+            self.feature_channels = [c for _, c in picks]
+        else:
+            paths, reductions, channels = _feature_modules(model, feature_modules)
+            picks = _pick(reductions, channels, type(model).__name__)
+            self._list_indices = None
+            self._paths = [paths[i] for i, _ in picks]
+            self.feature_channels = [c for _, c in picks]
+            _drop_after(model, self._paths[-1])
+        sparsify_layers(model)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        if any(True for _ in model.named_buffers(recurse=False)):
+            raise UnsupportedLayerError(f"{type(model).__name__} holds buffers of its own (outside any layer); "
+                                        "sparsify supports models whose state lives in their layers")
+        self.__dict__["_model"] = model  # not a submodule: its children are ours, under the same names
+        for i, path in enumerate(self._paths):
+            m = model.get_submodule(path)
+            m._sparse_feature_index = i
+            m.register_forward_hook(self._capture)
+        self.norm_kind = _norm_kind(self)
+        self._captured: List = []
+
+    def _capture(self, module, inputs, output):
+        i = module._sparse_feature_index
+        self._captured[i] = output
+        if i == len(self._paths) - 1:
+            raise _StopForward
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._model.training = mode
+        return self
+
+    def forward_features(self, x):
+        if self._list_indices is not None:
+            outs = self._model(x)
+            outs = [outs[i] for i in self._list_indices]
+        else:
+            self._captured = [None] * len(self._paths)
+            try:
+                self._model(x)
+            except _StopForward:
+                pass
+            outs, self._captured = self._captured, []
+            missing = [p for p, o in zip(self._paths, outs) if o is None]
+            if missing:
+                raise UnsupportedLayerError(f"feature module(s) {missing} of {type(self._model).__name__} never ran "
+                                            "in its forward; name modules that produce the feature maps")
+        for path, o, s in zip(self._paths or self._list_indices, outs, STRIDES):
+            if not isinstance(o, SiteTensor) or o.stride != s or o.layout != "nchw":
+                got = f"stride {o.stride}, {o.layout.upper()}" if isinstance(o, SiteTensor) else type(o).__name__
+                raise UnsupportedLayerError(f"feature {path!r} should be an NCHW sparse map at stride {s}, got {got}")
+        return outs
+
+    def extra_repr(self) -> str:
+        return f"model={type(self._model).__name__}, features={self._paths or self._list_indices}"
+
+
+def _returns_feature_list(model: nn.Module) -> bool:
+    """timm's ``features_only`` wrappers carry a ``FeatureInfo`` (a full model carries a list of dicts)."""
+    info = getattr(model, "feature_info", None)
+    return info is not None and hasattr(info, "reduction") and callable(info.reduction)
+
+
+def _feature_modules(model: nn.Module, names: Optional[Sequence[str]]):
+    """(module paths, reductions, channels) of the candidate feature maps."""
+    info = getattr(model, "feature_info", None)
+    if names is None:
+        if not isinstance(info, list) or not info or "module" not in info[0]:
+            raise UnsupportedLayerError(
+                f"{type(model).__name__} has no timm feature_info; pass feature_modules=[...] naming the modules "
+                "whose outputs are the maps at strides 4, 8, 16, 32 (e.g. ['layer1', 'layer2', 'layer3', "
+                "'layer4'] for a torchvision ResNet)")
+        return [f["module"] for f in info], [int(f["reduction"]) for f in info], [int(f["num_chs"]) for f in info]
+    names = list(names)
+    reductions, channels = _probe(model, names)
+    return names, reductions, channels
+
+
+def _probe(model: nn.Module, names: List[str]):
+    """Reductions and channels of the named modules' outputs, from one dense 64x64 forward."""
+    shapes = {}
+    hooks = []
+    for n in names:
+        try:
+            m = model.get_submodule(n)
+        except AttributeError:
+            raise UnsupportedLayerError(f"feature module {n!r} does not exist in {type(model).__name__}") from None
+        hooks.append(m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))))
+    like = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64, dtype=like.dtype, device=like.device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    bad = [n for n in names if n not in shapes or len(shapes[n]) != 4]
+    if bad:
+        raise UnsupportedLayerError(f"feature module(s) {bad} produce no (B, C, H, W) map in {type(model).__name__}")
+    return [64 // shapes[n][2] for n in names], [shapes[n][1] for n in names]
+
+
+def _pick(reductions: List[int], channels: List[int], what: str):
+    """(index, channels) of the last map at each of the strides 4, 8, 16, 32."""
+    if max(reductions) != 32:
+        raise UnsupportedLayerError(f"{what}'s total stride is {max(reductions)}, SparK needs 32 (patch size 32); "
+                                    f"feature reductions are {reductions}. Use a model with 5 stride-2 stages "
+                                    "(and output_stride=32)")
+    picks = []
+    for s in STRIDES:
+        found = [i for i, r in enumerate(reductions) if r == s]
+        if not found:
+            raise UnsupportedLayerError(f"{what} has no feature map at stride {s} (reductions {reductions})")
+        picks.append((found[-1], channels[found[-1]]))
+    return picks
+
+
+def _drop_after(model: nn.Module, last: str) -> None:
+    """Replace the top-level children after the one holding ``last`` by Identity (the head)."""
+    top = last.split(".")[0]
+    names = list(model._modules)
+    if top not in names:
+        raise UnsupportedLayerError(f"feature module {last!r} is not inside {type(model).__name__}")
+    for name in names[names.index(top) + 1:]:
+        model._modules[name] = nn.Identity()
+
+
+def _norm_kind(encoder: nn.Module) -> str:
+    """SparK's densify norm: LayerNorm for LayerNorm-only encoders (ConvNeXt-like), else BatchNorm."""
+    kinds = {type(m) for m in encoder.modules()}
+    layer = any(issubclass(k, SparseLayerNorm) for k in kinds)
+    batch = any(issubclass(k, nn.modules.batchnorm._NormBase) for k in kinds)
+    return "layer" if layer and not batch else "batch"
+
+
+def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) -> SparsifiedBackbone:
+    """Turn a dense CNN (timm or torchvision) into a sparse SparK encoder sharing its parameters.
+
+    ``model`` is changed in place (its layers become sparse twins); the returned backbone registers
+    the same children, so ``backbone.state_dict()`` has the model's keys (minus the head after the
+    last feature map). Feature maps come from timm's ``feature_info`` unless ``feature_modules``
+    names the modules whose outputs are the maps (strides must be 4, 8, 16, 32). Raises
+    ``UnsupportedLayerError`` listing every layer that cannot run sparsely, before any computation.
+    """
+    return SparsifiedBackbone(model, feature_modules)
+
+
+def sparsify_timm(name: str, **kwargs) -> SparsifiedBackbone:
+    """``sparsify(timm.create_model(name, **kwargs))``: keys are timm's own (minus the head)."""
+    import timm
+    return sparsify(timm.create_model(name, pretrained=False, **kwargs))

@@ -1,0 +1,325 @@
+"""Swap a dense CNN's layers for the engine's sparse twins, in place, keeping every parameter.
+
+``sparsify_layers(model)`` first checks the whole model and raises ``UnsupportedLayerError`` listing
+every layer it cannot run sparsely (path and type), before anything is changed or computed. Then
+each supported layer is replaced by its twin from ``engine.nn``, which takes over the *same*
+``Parameter`` and buffer objects, so names, shapes, values (and any optimizer holding them) are
+unchanged and the state_dict is identical. Layers are matched by exact type: a subclass may
+compute something else in its own ``forward``.
+
+Kept as they are: activation / dropout / identity modules (their functional calls run on the
+engine's tensors through ``__torch_function__``), ``AdaptiveAvgPool2d(1)`` (per-sample mean over
+active sites), ``Conv1d`` (ECA gates, dense (B, 1, C) input only), and containers, whose own
+``forward`` is glue code (see ``engine.functions``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import nn as snn
+from .errors import UnsupportedLayerError
+from .ops.window import WindowGeometry
+
+__all__ = ["sparsify_layers", "unsupported_layers", "supported_layer_types", "UnsupportedLayerError"]
+
+
+def _optional(path: str, names: str) -> Tuple[type, ...]:
+    """Classes ``names`` of module ``path`` (absent ones skipped: timm / torchvision are optional here)."""
+    import importlib
+    try:
+        mod = importlib.import_module(path)
+    except ImportError:
+        return ()
+    return tuple(getattr(mod, n) for n in names.split() if hasattr(mod, n))
+
+
+# -- what is kept as it is ----------------------------------------------------------------------------
+_KEPT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
+_KEPT_TYPES = (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv1d) + \
+    _optional("torchvision.ops.misc", "Permute")
+_NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+
+
+def _kept(m: nn.Module) -> bool:
+    t = type(m)
+    if t in _KEPT_TYPES:
+        return True
+    return t.__module__ in _KEPT_MODULES and not isinstance(m, _NOT_POINTWISE)
+
+
+def _is_engine_module(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("sparse_mim.") or type(m).__module__ == "backbones" or \
+        type(m).__module__.startswith("backbones.")
+
+
+# -- twins ----------------------------------------------------------------------------------------------
+def _same_padding(k: int, s: int, d: int) -> Tuple[int, int]:
+    """TF 'SAME' padding (lo, hi) of timm's ``*Same`` layers for inputs that are multiples of the stride."""
+    total = max(d * (k - 1) + 1 - s, 0)
+    return total // 2, total - total // 2
+
+
+def _same_geometry(m) -> WindowGeometry:
+    k, s, d = _pair(m.kernel_size), _pair(m.stride), _pair(getattr(m, "dilation", 1))
+    pads = [_same_padding(k[i], s[i], d[i]) for i in range(2)]
+    return WindowGeometry(k, s[0], d, (pads[0][0], pads[1][0]), (pads[0][1], pads[1][1]))
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _adopt(twin: nn.Module, dense: nn.Module) -> nn.Module:
+    """Give ``twin`` the very parameters, buffers and children of ``dense`` (same objects, same order)."""
+    for name, p in dense._parameters.items():
+        twin._parameters[name] = p
+    for name, b in dense._buffers.items():
+        twin._buffers[name] = b
+        if name in dense._non_persistent_buffers_set:
+            twin._non_persistent_buffers_set.add(name)
+    for name, child in dense._modules.items():
+        twin._modules[name] = child
+    twin.train(dense.training)
+    left = [n for n, t in list(twin.named_parameters()) + list(twin.named_buffers()) if t.is_meta]
+    if left and not any(t.is_meta for t in dense.parameters()):
+        raise RuntimeError(f"{type(twin).__name__} kept uninitialised tensors {left} from {type(dense).__name__}")
+    return twin
+
+
+def _build(cls, dense: nn.Module, *args, **kwargs) -> nn.Module:
+    with torch.device("meta"):  # no memory or init time for weights that are replaced at once
+        twin = cls(*args, **kwargs)
+    return _adopt(twin, dense)
+
+
+def _conv(cls, geometry=None, extra=lambda m: {}):
+    def make(m: nn.Conv2d) -> nn.Module:
+        twin = _build(cls, m, m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                      0 if geometry else m.padding, m.dilation, m.groups, m.bias is not None, **extra(m))
+        if geometry:
+            twin.geometry = geometry(m)
+        if hasattr(m, "scale"):
+            twin.scale = m.scale
+        return twin
+    return make
+
+
+def _eps(m):
+    return {"eps": m.eps}
+
+
+def _batch_norm(cls):
+    return lambda m: _build(cls, m, m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+
+
+def _group_norm(m):
+    return _build(snn.SparseGroupNorm, m, m.num_groups, m.num_channels, m.eps, m.affine)
+
+
+def _layer_norm(layout: str):
+    def make(m: nn.LayerNorm) -> nn.Module:
+        twin = _build(snn.SparseLayerNorm, m, m.normalized_shape, eps=m.eps, channels_first=layout == "nchw",
+                      elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
+        twin.layout = layout
+        return twin
+    return make
+
+
+def _grn(m):
+    twin = _build(snn.SparseGRN, m, m.weight.shape[0], m.eps)
+    twin.layout = "nhwc" if getattr(m, "channel_dim", -1) == -1 else "nchw"
+    return twin
+
+
+def _linear(m: nn.Linear):
+    twin = _build(snn.SparseLinear, m, m.in_features, m.out_features, m.bias is not None)
+    twin.layout = "nhwc"
+    return twin
+
+
+def _max_pool(m, geometry=None):
+    twin = snn.SparseMaxPool2d(m.kernel_size, m.stride, 0 if geometry else m.padding, m.dilation)
+    if geometry is not None:
+        twin.geometry = geometry
+    return _adopt(twin, m)
+
+
+def _avg_pool(m):
+    return _adopt(snn.SparseAvgPool2d(m.kernel_size, m.stride, m.padding), m)
+
+
+def _drop_path(attr: str):
+    return lambda m: _adopt(snn.SparseDropPath(getattr(m, attr)), m)
+
+
+def _timm(names: str):
+    return _optional("timm.layers", names)
+
+
+_TIMM_CONV_SAME, _TIMM_STD, _TIMM_STD_SAME = _timm("Conv2dSame"), _timm("StdConv2d"), _timm("StdConv2dSame")
+_TIMM_SSTD, _TIMM_SSTD_SAME = _timm("ScaledStdConv2d"), _timm("ScaledStdConv2dSame")
+
+#: dense type -> builder of its sparse twin
+TWINS: Dict[type, Callable[[nn.Module], nn.Module]] = {nn.Conv2d: _conv(snn.SparseConv2d)}
+for _t in _TIMM_CONV_SAME:
+    TWINS[_t] = _conv(snn.SparseConv2d, _same_geometry)
+for _t in _TIMM_STD:
+    TWINS[_t] = _conv(snn.SparseStdConv2d, extra=_eps)
+for _t in _TIMM_STD_SAME:
+    TWINS[_t] = _conv(snn.SparseStdConv2d, _same_geometry, extra=_eps)
+for _t in _TIMM_SSTD:
+    TWINS[_t] = _conv(snn.SparseScaledStdConv2d, extra=_eps)
+for _t in _TIMM_SSTD_SAME:
+    TWINS[_t] = _conv(snn.SparseScaledStdConv2d, _same_geometry, extra=_eps)
+for _t in (nn.BatchNorm2d,) + _timm("BatchNormAct2d"):
+    TWINS[_t] = _batch_norm(snn.SparseBatchNorm2d)
+for _t in (nn.SyncBatchNorm,) + _timm("SyncBatchNormAct"):
+    TWINS[_t] = _batch_norm(snn.SparseSyncBatchNorm)
+for _t in (nn.GroupNorm,) + _timm("GroupNormAct GroupNorm1Act GroupNorm GroupNorm1"):
+    TWINS[_t] = _group_norm
+for _t in (nn.LayerNorm,) + _timm("LayerNorm"):
+    TWINS[_t] = _layer_norm("nhwc")
+for _t in _timm("LayerNorm2d") + _optional("torchvision.models.convnext", "LayerNorm2d"):
+    TWINS[_t] = _layer_norm("nchw")
+for _t in _optional("timm.layers.grn", "GlobalResponseNorm"):
+    TWINS[_t] = _grn
+TWINS[nn.Linear] = _linear
+TWINS[nn.MaxPool2d] = _max_pool
+for _t in _optional("timm.layers.pool2d_same", "MaxPool2dSame"):
+    TWINS[_t] = lambda m: _max_pool(m, _same_geometry(m))
+TWINS[nn.AvgPool2d] = _avg_pool
+for _t in _timm("DropPath"):
+    TWINS[_t] = _drop_path("drop_prob")
+for _t in _optional("torchvision.ops", "StochasticDepth"):
+    TWINS[_t] = _drop_path("p")
+_PADS = (nn.ConstantPad2d, nn.ZeroPad2d)
+_CONVS = tuple(t for t in TWINS if issubclass(t, nn.Conv2d))
+
+
+def supported_layer_types() -> List[str]:
+    """Names of the dense layer types ``sparsify`` swaps for twins (for docs and error messages)."""
+    return sorted({f"{t.__module__.split('.')[0]}.{t.__name__}" for t in TWINS})
+
+
+# -- the check ------------------------------------------------------------------------------------------
+def _refusal(m: nn.Module) -> Optional[str]:
+    """Why ``m`` (of a type with a twin) cannot be swapped, or None."""
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            return f"padding_mode={m.padding_mode!r} (only zero padding reads masked sites as zero)"
+        if _pair(m.stride)[0] != _pair(m.stride)[1]:
+            return f"unequal strides {m.stride}"
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        if getattr(m, "return_indices", False):
+            return "return_indices=True"
+        if s[0] != s[1]:
+            return f"unequal strides {m.stride}"
+        if m.ceil_mode and not (k == s and p == (0, 0)):
+            return "ceil_mode=True on overlapping windows (changes the output grid)"
+    if isinstance(m, nn.AvgPool2d):
+        if m.divisor_override is not None:
+            return "divisor_override"
+        if m.count_include_pad and _pair(m.padding) != (0, 0):
+            return "count_include_pad=True with padding (the sparse mean counts active sites only)"
+    if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+        return f"normalized_shape={tuple(m.normalized_shape)} (only the channel dim)"
+    if hasattr(m, "scale_by_keep") and not m.scale_by_keep:
+        return "scale_by_keep=False"
+    if getattr(m, "mode", "row") != "row":
+        return f"mode={m.mode!r} (only per-sample 'row' stochastic depth)"
+    return None
+
+
+def _fusable_pad(pad: nn.Module, nxt: Optional[nn.Module]) -> Optional[str]:
+    """Why a padding layer cannot be folded into the window op after it, or None."""
+    if nxt is None:
+        return "padding is only supported right before a max pool or convolution in a Sequential"
+    value = float(getattr(pad, "value", 0.0))
+    if type(nxt) in (nn.MaxPool2d,) and _pair(nxt.padding) == (0, 0):
+        return None
+    if type(nxt) in _CONVS and not isinstance(nxt.padding, str) and value == 0.0 and \
+            type(nxt) not in _TIMM_CONV_SAME + _TIMM_STD_SAME + _TIMM_SSTD_SAME:
+        return None
+    return f"padding (value {value}) before {type(nxt).__name__} cannot be folded into its window"
+
+
+def _walk(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module, nn.Module, str]]:
+    """(path, module, parent, name) of every descendant, parents first."""
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child, module, name
+        yield from _walk(child, path)
+
+
+def _next_sibling(parent: nn.Module, name: str) -> Optional[nn.Module]:
+    if not isinstance(parent, nn.Sequential):
+        return None
+    names = list(parent._modules)
+    i = names.index(name)
+    return parent._modules[names[i + 1]] if i + 1 < len(names) else None
+
+
+def unsupported_layers(model: nn.Module) -> List[Tuple[str, str, str]]:
+    """(path, type, reason) of every layer ``sparsify_layers`` would refuse."""
+    found = []
+    for path, m, parent, name in _walk(model):
+        t = type(m)
+        if t in TWINS:
+            why = _refusal(m)
+        elif isinstance(m, _PADS):
+            why = _fusable_pad(m, _next_sibling(parent, name))
+        elif isinstance(m, nn.AdaptiveAvgPool2d):
+            why = None if _pair(m.output_size) == (1, 1) else f"output_size={m.output_size} (only global pooling)"
+        elif _kept(m) or _is_engine_module(m):
+            why = None
+        elif len(m._modules) == 0:
+            why = "no sparse twin for this layer type"
+        else:
+            why = None  # a container: its forward is glue, checked op by op at run time
+        if why is not None:
+            found.append((path, f"{t.__module__}.{t.__qualname__}", why))
+    return found
+
+
+def sparsify_layers(model: nn.Module) -> nn.Module:
+    """Check ``model`` (raise ``UnsupportedLayerError`` listing every refused layer), then swap each
+    supported layer for its sparse twin in place. Returns ``model``."""
+    refused = unsupported_layers(model)
+    if refused:
+        lines = "\n".join(f"  {p} ({t}): {why}" for p, t, why in refused)
+        raise UnsupportedLayerError(
+            f"{len(refused)} layer(s) of {type(model).__name__} cannot run sparsely:\n{lines}\n"
+            f"Supported layers: {', '.join(supported_layer_types())}, activations, dropout, Identity, "
+            "AdaptiveAvgPool2d(1) and the glue ops of sparse_mim.engine.functions. Replace these layers or "
+            "leave them out of the encoder.", [(p, t) for p, t, _ in refused])
+    for path, m, parent, name in list(_walk(model)):
+        if isinstance(m, _PADS):
+            _fold_pad(parent, name, m)
+    for path, m, parent, name in list(_walk(model)):
+        make = TWINS.get(type(m))
+        if make is not None and parent._modules.get(name) is m:
+            parent._modules[name] = make(m)
+    return model
+
+
+def _fold_pad(parent: nn.Sequential, name: str, pad: nn.Module) -> None:
+    """``pad`` then window op -> Identity then the window op with the padding in its geometry."""
+    nxt = _next_sibling(parent, name)
+    left, right, top, bottom = pad.padding
+    if isinstance(nxt, nn.MaxPool2d):
+        twin = _max_pool(nxt)
+        g = twin.geometry
+        twin.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (top, left), (bottom, right))
+        twin.border = float(pad.value)
+    else:
+        twin = TWINS[type(nxt)](nxt)
+        g = twin.geometry
+        twin.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (g.pad_lo[0] + top, g.pad_lo[1] + left),
+                                       (g.pad_hi[0] + bottom, g.pad_hi[1] + right))
+    names = list(parent._modules)
+    parent._modules[names[names.index(name) + 1]] = twin
+    parent._modules[name] = nn.Identity()
