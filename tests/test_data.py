@@ -128,8 +128,8 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
 def test_demo_images_need_no_download_and_are_ready_to_train():
     demo = DemoImages(PretrainTransform(64))
     assert len(demo) >= 64 and len(demo.photos) >= 4
-    image, skipped = demo[5]
-    assert image.shape == (3, 64, 64) and skipped == 0
+    image, unreadable = demo[5]
+    assert image.shape == (3, 64, 64) and unreadable == -1
     assert isinstance(build_dataset(None, _transform()), DemoImages)
 
 
