@@ -638,7 +638,8 @@ def test_official_spark_state_dict_with_config_converts_and_its_config_checks_th
         load_encoder_state_dict({**module, "config": {**config, "arch": "resnet50"}}, "resnet18")
 
 
-@pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(101, 201)), b""])
+@pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(101, 201)), b""],
+                         ids=["text", "binary", "empty"])
 def test_a_file_that_is_no_checkpoint_says_what_it_is_not_and_what_is_accepted(tmp_path, capsys, content):
     path = tmp_path / "notes.pth"
     path.write_bytes(content)
