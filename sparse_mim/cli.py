@@ -49,11 +49,14 @@ def pretrain(argv: Sequence[str]) -> int:
     from sparse_mim.train import ConfigError, NonFiniteLossError, compose_config, pretrain as run_pretrain
 
     if any(a in ("-h", "--help") for a in argv):
-        from omegaconf import OmegaConf
+        from sparse_mim.configs import help_text
 
-        print("usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; preset=imagenet for SparK's "
-              "ImageNet recipe)\n\ndefaults (configs/pretrain.yaml):\n")
-        print(OmegaConf.to_yaml(compose_config([a for a in argv if a not in ("-h", "--help")])))
+        try:
+            cfg = compose_config([a for a in argv if a not in ("-h", "--help")])
+        except ConfigError as e:
+            return _error("pretrain", e, 2)
+        print(help_text("pretrain", cfg, "usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; "
+                                         "preset=imagenet for SparK's ImageNet recipe)"), end="")
         return 0
     options = [a for a in argv if a.startswith("-")]
     if options:
@@ -128,7 +131,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if command not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return _error(command, f"unknown command {command!r}; choose one of {', '.join(COMMANDS)}", 2)
-    return COMMANDS[command](rest)
+    try:
+        code = COMMANDS[command](rest)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (`sparse-mim pretrain --help | head`): stop quietly like other Unix
+        # tools; stdout goes to devnull so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return code
 
 
 if __name__ == "__main__":

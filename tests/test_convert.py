@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import pathlib
 import pickle
+import pickletools
+import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -395,10 +399,10 @@ def test_argparse_namespace_of_training_scripts_loads_without_the_unsafe_fallbac
 def test_unreadable_sources_raise_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match="checkpoint not found"):
         load_encoder_state_dict(tmp_path / "nope.pth")
-    garbage = tmp_path / "garbage.pth"
-    garbage.write_bytes(b"not a checkpoint")
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 a torn zip")
     with pytest.raises(ConversionError, match="could not read checkpoint"):
-        load_encoder_state_dict(garbage)
+        load_encoder_state_dict(corrupt)
     with pytest.raises(ConversionError, match="unknown checkpoint format"):
         load_encoder_state_dict({"format": "sparse-mim/pretrain-v9", "model": {}})
     with pytest.raises(ConversionError, match="no 'encoder.\\*' weights"):
@@ -602,3 +606,98 @@ def test_official_convnext_names_need_the_arch():
         load_encoder_state_dict(weights)
     with pytest.raises(ConversionError, match="arch asked for is 'resnet50'"):
         load_encoder_state_dict(weights, "resnet50")
+
+
+# ---------------------------------------------------------------------------------------------
+# files for other stacks, other projects' layouts, foreign files, --arch inference
+
+NUMPY1_PYTHON = Path(os.environ.get("SPARSE_MIM_NUMPY1_PYTHON", "/tmp/np126/bin/python"))
+
+
+def _pickle_globals(data: bytes) -> set[str]:
+    """Module names the pickle stream imports (GLOBAL, or STACK_GLOBAL after two strings)."""
+    names, strings = set(), []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name == "GLOBAL":
+            names.add(arg.split(" ")[0])
+        elif op.name == "STACK_GLOBAL":
+            names.add(strings[-2])
+        if isinstance(arg, str):
+            strings.append(arg)
+    return names
+
+
+def test_detectron2_pickle_names_only_modules_numpy_1_and_2_both_have(tmp_path):
+    out = tmp_path / "r18.pkl"
+    to_detectron2(small_encoder("resnet18"), "resnet18", out)
+    data = out.read_bytes()
+    protocol = next(arg for op, arg, _ in pickletools.genops(data) if op.name == "PROTO")
+    assert protocol <= 4 and _pickle_globals(data) == {"numpy", "builtins"}
+    assert b"numpy._core" not in data and b"numpy.core" not in data
+    loaded = pickle.loads(data)["model"]["res2.0.conv1.weight"]
+    assert loaded.flags.writeable and loaded.dtype == np.float32  # Detectron2 turns it into a tensor
+
+
+@pytest.mark.skipif(not NUMPY1_PYTHON.is_file(), reason="needs a Python with numpy 1.x (benchmarks/detectron2_numpy1.sh)")
+def test_detectron2_pickle_loads_under_numpy_1(tmp_path):
+    out = tmp_path / "r18.pkl"
+    weights = to_detectron2(small_encoder("resnet18"), "resnet18", out)["model"]
+    script = ("import pickle, sys, numpy; m = pickle.load(open(sys.argv[1], 'rb'))['model']; "
+              "print(numpy.__version__, len(m), float(sum(float(v.astype('float64').sum()) for v in m.values())))")
+    proc = subprocess.run([str(NUMPY1_PYTHON), "-c", script, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    version, count, total = proc.stdout.split()
+    assert version.startswith("1.") and int(count) == len(weights)
+    assert float(total) == pytest.approx(sum(float(v.astype(np.float64).sum()) for v in weights.values()), rel=1e-12)
+
+
+def test_official_spark_state_dict_with_config_converts_and_its_config_checks_the_arch(tmp_path):
+    """Reference SparK's <model>_withdecoder_1kpretrained_spark_style.pth: 'module' holds
+    SparK.state_dict(with_config=True), the tensors plus a 'config' dict."""
+    encoder = small_encoder("resnet18")
+    config = {"mask_ratio": 0.6, "densify_norm_str": "bn", "sbn": False, "hierarchy": 4,
+              "sparse_encoder.input_size": 224, "dense_decoder.width": 768}
+    module = {**{f"sparse_encoder.sp_cnn.{k}": v for k, v in encoder.items()},
+              "dense_decoder.dec.0.conv.weight": torch.zeros(2), "config": config}
+    path = tmp_path / "resnet18_withdecoder_1kpretrained_spark_style.pth"
+    torch.save({"args": "...", "input_size": 224, "arch": "resnet18", "epoch": 1599, "performance_desc": "0.5 0.5",
+                "module": module, "optimizer": {"state": {}, "param_groups": []}, "is_pretrain": True}, path)
+    converted = to_timm(path, "resnet18")
+    assert all(torch.equal(converted[k], v) for k, v in encoder.items())
+    with pytest.raises(ConversionError, match="hierarchy=3"):
+        load_encoder_state_dict({**module, "config": {**config, "hierarchy": 3}})
+    with pytest.raises(ConversionError, match="pretrained as resnet50, you asked for resnet18"):
+        load_encoder_state_dict({**module, "config": {**config, "arch": "resnet50"}}, "resnet18")
+
+
+@pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(101, 201)), b""],
+                         ids=["text", "binary", "empty"])
+def test_a_file_that_is_no_checkpoint_says_what_it_is_not_and_what_is_accepted(tmp_path, capsys, content):
+    path = tmp_path / "notes.pth"
+    path.write_bytes(content)
+    assert main([str(path), "--to", "timm", "--arch", "resnet18", "--out", str(tmp_path / "x.pth")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not a torch or safetensors checkpoint" in err and "accepted: torch.save files" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_convert_infers_the_arch_the_checkpoint_records_and_prints_an_absolute_weights_path(
+        tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "pretrain.pth"
+    torch.save(pretraining_checkpoint(small_encoder("resnet18"), "resnet18"), ckpt)
+    monkeypatch.chdir(tmp_path)
+    assert main([str(ckpt), "--to", "detectron2", "--out", "r18.pkl"]) == 0
+    printed = capsys.readouterr().out
+    assert "(detectron2 names, resnet18)" in printed and f"MODEL.WEIGHTS: {tmp_path / 'r18.pkl'}" in printed
+    torch.save(small_encoder("resnet18"), tmp_path / "bare.pth")
+    assert main([str(tmp_path / "bare.pth"), "--to", "timm", "--out", "x.safetensors"]) == 2
+    assert "does not record its architecture; pass --arch NAME" in capsys.readouterr().err
+
+
+def test_arch_help_lists_the_archs_of_each_target():
+    from sparse_mim.convert.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    detectron2 = text.split("--to detectron2:")[1].split("--out")[0]
+    assert "resnet50" in detectron2 and "convnext" not in detectron2
+    assert "convnext_tiny" in text.split("--to torchvision:")[1].split("--to detectron2")[0]

@@ -66,19 +66,28 @@ def test_a_file_instead_of_a_folder_is_a_clear_error(tmp_path):
 
 
 # -- unreadable images --------------------------------------------------------------------------
-def test_unreadable_image_is_replaced_by_the_next_readable_one_and_counted(tmp_path):
+def test_unreadable_image_is_replaced_by_the_next_readable_one_and_reported_by_its_index(tmp_path):
     make_images(tmp_path, 3)
     (tmp_path / "img_001.png").write_bytes(b"this is not a png")
     dataset = ImageFolder(tmp_path, _transform())
-    image, skipped = dataset[1]
-    assert skipped == 1 and image.shape == (3, 32, 32)
-    assert [dataset[i][1] for i in (0, 2)] == [0, 0]
+    image, unreadable = dataset[1]
+    assert unreadable == 1 and image.shape == (3, 32, 32)
+    assert [dataset[i][1] for i in (0, 2)] == [-1, -1]
+    assert dataset.name(1) == str(tmp_path / "img_001.png")
+
+
+def test_consecutive_unreadable_files_are_each_reported_once_by_their_own_item(tmp_path):
+    make_images(tmp_path, 4)
+    for name in ("img_001.png", "img_002.png"):
+        (tmp_path / name).write_bytes(b"broken")
+    dataset = ImageFolder(tmp_path, _transform())
+    assert [dataset[i][1] for i in range(4)] == [-1, 1, 2, -1]  # item 1 falls back past 2 to 3
 
 
 def test_truncated_jpeg_counts_as_unreadable(tmp_path):
     path = make_images(tmp_path, 2, ext=".jpg")[0]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    assert ImageFolder(tmp_path, _transform())[0][1] == 1
+    assert ImageFolder(tmp_path, _transform())[0][1] == 0
 
 
 def test_all_images_unreadable_is_an_error_not_a_hang(tmp_path):
@@ -119,8 +128,8 @@ def test_augmentation_depends_only_on_seed_epoch_and_index(tmp_path):
 def test_demo_images_need_no_download_and_are_ready_to_train():
     demo = DemoImages(PretrainTransform(64))
     assert len(demo) >= 64 and len(demo.photos) >= 4
-    image, skipped = demo[5]
-    assert image.shape == (3, 64, 64) and skipped == 0
+    image, unreadable = demo[5]
+    assert image.shape == (3, 64, 64) and unreadable == -1
     assert isinstance(build_dataset(None, _transform()), DemoImages)
 
 

@@ -78,6 +78,7 @@ def test_torchrun_pretraining_matches_a_single_process_run(tmp_path):
     assert single.returncode == 0, single.stderr[-4000:]
     double = torchrun("-m", "sparse_mim", "pretrain", *args, f"output_dir={tmp_path / 'two'}")
     assert double.returncode == 0, double.stderr[-4000:]
+    assert "FutureWarning" not in double.stderr, double.stderr[-4000:]
 
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [r["step"] for r in two] == [1, 2, 3]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import signal
 import subprocess
 import time
@@ -21,6 +22,7 @@ from sparse_mim.data import DataError
 from sparse_mim.spark import SparK, build_spark
 from sparse_mim.train import (ConfigError, NonFiniteLossError, Schedule, apply_schedule, build_optimizer,
                               compose_config, lamb_betas, load_checkpoint, peak_lr, pretrain)
+from sparse_mim.train.checkpoint import export_step
 
 
 # -- schedules ----------------------------------------------------------------------------------
@@ -204,14 +206,112 @@ def test_nan_loss_stops_naming_step_and_epoch_and_keeps_the_last_good_checkpoint
     assert [r["step"] for r in metrics(out)] == [1]
 
 
-def test_unreadable_images_are_counted_once_per_epoch(images, tmp_path, capsys):
+def test_unreadable_images_are_counted_as_distinct_files_once_per_epoch_and_named(images, tmp_path, capsys):
     data = tmp_path / "data"
     make_images(data, 8)
-    (data / "img_003.png").write_bytes(b"broken")
+    for name in ("img_003.png", "img_004.png"):  # consecutive: item 3 falls back past 4 to 5
+        (data / name).write_bytes(b"broken")
     pretrain(_config(data, tmp_path / "run", "train.batch_size=8", "train.epochs=2"))
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
-    assert lines == [f"epoch {e}: skipped 1 unreadable image(s), each replaced by the next readable one"
+    names = f"{data / 'img_003.png'}, {data / 'img_004.png'}"
+    assert lines == [f"epoch {e}: skipped 2 unreadable image(s), each replaced by the next readable one: {names}"
                      for e in (1, 2)]
+
+
+def test_a_kill_between_checkpoint_and_export_is_repaired_by_the_rerun(images, tmp_path, monkeypatch, capsys):
+    """Fault injected between the two writes of the final save: the checkpoint is at step 2, the
+    export still at step 1. The rerun finds the run finished and re-exports from the checkpoint."""
+    from sparse_mim.train import checkpoint as checkpoint_module
+    real_save_encoder = checkpoint_module.save_encoder
+
+    def killed_at_step_2(encoder, path, arch, step=None):
+        if step == 2:
+            raise KeyboardInterrupt("killed between the checkpoint and the export")
+        return real_save_encoder(encoder, path, arch, step)
+
+    monkeypatch.setattr(checkpoint_module, "save_encoder", killed_at_step_2)
+    out = tmp_path / "run"
+    config = _config(images, out, "train.batch_size=8", "train.epochs=2")  # 1 step per epoch
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(config)
+    export = out / "encoder_resnet18.safetensors"
+    assert load_checkpoint(out / "checkpoint.pth")["step"] == 2 and export_step(export) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+
+    result = pretrain(config)
+    printed = capsys.readouterr().out
+    assert result.finished and result.losses == [] and export_step(export) == 2
+    assert "re-exported encoder_resnet18.safetensors from the checkpoint at step 2 (the export was from step 1)" in printed
+    assert "1 step per epoch" in printed and "at step 2 (end of epoch 2)" in printed
+    ckpt = load_checkpoint(out / "checkpoint.pth")
+    weights = load_file(str(export))
+    assert weights.keys() == {k.removeprefix("encoder.") for k in ckpt["model"] if k.startswith("encoder.")}
+    assert all(torch.equal(v, ckpt["model"][f"encoder.{k}"]) for k, v in weights.items())
+
+
+def test_a_start_removes_the_temporaries_of_killed_saves_and_only_those(finished_run, capsys):
+    out, _ = finished_run
+    ours = [out / ".checkpoint.pth.0123456789ab.tmp", out / ".encoder_resnet18.safetensors.ba9876543210.tmp"]
+    theirs = [out / ".notes.tmp", out / "draft.0123456789ab.tmp", out / ".checkpoint.pth.xyz.tmp"]
+    for path in ours + theirs:
+        path.write_bytes(b"left over")
+    config = load_checkpoint(out / "checkpoint.pth")["config"]
+    pretrain(_config(config["data"]["path"], out, "train.epochs=1"))
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in theirs)
+    assert "removed 2 temporary file(s) of interrupted saves" in capsys.readouterr().out
+    for path in theirs:
+        path.unlink()
+
+
+def test_exports_get_the_mode_of_other_outputs(finished_run):
+    out, _ = finished_run
+    mode = (out / "checkpoint.pth").stat().st_mode & 0o777
+    assert (out / "encoder_resnet18.safetensors").stat().st_mode & 0o777 == mode
+    assert mode & 0o044  # group/others may read, as the umask allows (not the library's 0600)
+
+
+def test_output_dir_that_is_a_file_is_a_config_error(images, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    with pytest.raises(ConfigError, match="output_dir is a file, not a folder"):
+        pretrain(_config(images, path))
+    with pytest.raises(ConfigError, match="output_dir's parent .* is a file"):
+        pretrain(_config(images, path / "run"))
+
+
+def test_max_steps_sizes_warmup_and_cosine_to_the_run(images, tmp_path):
+    """20 epochs of 2 steps with 5 warmup epochs, cut to 4 steps: warmup is 4 * 5/20 = 1 step, the
+    cosine reaches its end (a thousandth of the peak) at step 4."""
+    result = pretrain(_config(images, tmp_path / "run", "train.epochs=20", "train.warmup_epochs=5",
+                              "train.max_steps=4"))
+    peak = 0.05 * 4 / 256
+    lrs = [r["lr"] for r in metrics(tmp_path / "run")]
+    assert result.total_steps == 4 and len(lrs) == 4
+    assert lrs[0] == pytest.approx(0.005 * peak) and lrs[1] == pytest.approx(peak)
+    assert lrs[3] == pytest.approx(0.001 * peak)
+
+
+def test_first_ctrl_c_says_the_run_stops_after_this_step(capfd):
+    from sparse_mim.train.trainer import _StopRequest
+
+    with _StopRequest(announce=True) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.signum == signal.SIGINT
+    assert "stopping after this step and saving a checkpoint (Ctrl-C again to abort)" in capfd.readouterr().err
+
+
+def test_loss_curve_of_a_short_run_names_loss_once(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from sparse_mim.train.monitor import save_loss_curve
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "loss": {1.0 / i}}}\n' for i in (1, 2, 3)))
+    figures = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), real_close(fig)))
+    save_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png", "short")
+    assert figures[0].axes[0].get_legend_handles_labels()[1] == ["loss"]
 
 
 # -- resume (subprocesses) ----------------------------------------------------------------------

@@ -25,7 +25,7 @@ def main(overrides: List[str]) -> int:
     import torch
     from omegaconf import OmegaConf
 
-    from .config import BenchConfigError, compose_bench_config, resolve
+    from .config import CONFIG_NAME, BenchConfigError, compose_bench_config, resolve
     from .machine import load_average, machine_info
     from .report import write_all
     from .runner import run_all
@@ -35,8 +35,9 @@ def main(overrides: List[str]) -> int:
     try:
         cfg = compose_bench_config(overrides)
         if help_asked:
-            print("usage: sparse-mim bench [key=value ...]   (Hydra overrides of configs/bench.yaml)\n\nsettings:\n")
-            print(OmegaConf.to_yaml(cfg))
+            from sparse_mim.configs import help_text
+
+            print(help_text(CONFIG_NAME, cfg, "usage: sparse-mim bench [key=value ...]   (Hydra overrides)"), end="")
             return 0
         settings = resolve(cfg)
     except BenchConfigError as e:

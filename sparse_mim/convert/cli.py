@@ -1,7 +1,8 @@
-"""`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2|minkowski --arch NAME --out FILE`.
+"""`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2|minkowski [--arch NAME] --out FILE`.
 
 The source's layout is detected: sparse-mim and reference-SparK checkpoints, timm/official ConvNeXt
-names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `sources.py`)."""
+names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `sources.py`).
+`--arch` defaults to the arch the checkpoint records; given, it must agree with it."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,7 @@ from .archs import ARCHS, get_arch
 from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
 from .errors import ConversionError
 from .minkowski_checkpoints import to_minkowski
-from .sources import load_encoder_state_dict
+from .sources import load_encoder
 from .timm_names import timm_classifier_keys, to_timm
 from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
 from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
@@ -35,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="pretraining checkpoint or encoder state_dict "
                         "(.pth, .pt or .safetensors)")
     parser.add_argument("--to", required=True, choices=tuple(_SUFFIXES), help="target naming / layout")
-    parser.add_argument("--arch", required=True, metavar="NAME",
-                        help=f"timm name of the backbone: {', '.join(ARCHS)}, or (for --to timm) any timm "
-                        "model name that was pretrained through sparsify")
+    parser.add_argument("--arch", metavar="NAME",
+                        help="timm name of the backbone; default: the arch the checkpoint records (an --arch "
+                        "that contradicts it is an error). "
+                        + "; ".join(f"--to {to}: {', '.join(archs)}" for to, archs in _ARCHS.items())
+                        + " (--to timm also takes any timm model name pretrained through sparsify)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output file: .pth/.pt/.safetensors (timm, torchvision), .pkl "
                         "(detectron2) or .pth/.pt (minkowski)")
@@ -46,13 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _convert(args: argparse.Namespace) -> None:
     # refuse what cannot work before reading a possibly large checkpoint
-    get_arch(args.arch, target=args.to, supported=_ARCHS[args.to])
+    if args.arch is not None:
+        get_arch(args.arch, target=args.to, supported=_ARCHS[args.to])
     suffixes = _SUFFIXES[args.to]
     if args.out.suffix not in suffixes:
         raise ConversionError(
             f"--to {args.to} writes {' or '.join(suffixes)} files, got --out {args.out}"
         )
-    state_dict, dropped = load_encoder_state_dict(args.checkpoint, args.arch)
+    ckpt = load_encoder(args.checkpoint, args.arch)
+    if ckpt.arch is None:
+        raise ConversionError(f"{args.checkpoint} does not record its architecture; pass --arch NAME "
+                              f"(--to {args.to}: {', '.join(_ARCHS[args.to])})")
+    args.arch = get_arch(ckpt.arch, target=args.to, supported=_ARCHS[args.to]).name
+    state_dict, dropped = ckpt.state_dict, ckpt.dropped
 
     if args.to == "detectron2":
         written = to_detectron2(state_dict, args.arch, args.out)["model"]
@@ -79,7 +88,7 @@ def _convert(args: argparse.Namespace) -> None:
         print("matching Detectron2 config:")
         for key, value in detectron2_config_hints(args.arch).items():
             print(f"  {key}: {value}")
-        print(f"  MODEL.WEIGHTS: {args.out}")
+        print(f"  MODEL.WEIGHTS: {args.out.resolve()}")
         for note in detectron2_notes(args.arch):
             print(f"note: {note}")
 

@@ -7,7 +7,10 @@ Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or an in-memory dict):
 - an encoder-only state_dict with timm keys, bare or wrapped as `{"model": ...}` / `{"state_dict": ...}`;
 - a checkpoint of the reference SparK implementation: its whole pretraining model
   (`sparse_encoder.sp_cnn.*` is the encoder; decoder, densify and mask tokens are dropped) or an
-  encoder state_dict; its ConvNeXts use the official ConvNeXt key names (`downsample_layers.*`,
+  encoder state_dict. Its `<model>_withdecoder_1kpretrained_spark_style.pth` holds
+  `SparK.state_dict(with_config=True)`: the model's tensors plus a `config` dict (mask_ratio,
+  densify_norm_str, sbn, hierarchy, sparse_encoder.input_size, dense_decoder.width), read as
+  metadata that must agree with the arch (4 feature maps); its ConvNeXts use the official ConvNeXt key names (`downsample_layers.*`,
   `stages.i.j.dwconv`, ...), which are renamed to timm's by timm's own `checkpoint_filter_fn`
   (this needs the arch, e.g. `--arch convnext_small`);
 - a ConvNeXt V2 FCMAE pretraining checkpoint (the official MinkowskiEngine encoder under `encoder.*`,
@@ -15,6 +18,7 @@ Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or an in-memory dict):
 - our backbones' weights in MinkowskiEngine's layout (`sparse-mim convert --to minkowski`, `*.kernel`);
 - any of the above with DDP (`module.`) or torch.compile (`_orig_mod.`) prefixes.
 Classifier keys (`fc.*`, `head.*`) are never part of an encoder and are dropped as well.
+Files are recognised by their content (torch.save zip or pickle, safetensors header), not their name.
 """
 from __future__ import annotations
 
@@ -44,6 +48,10 @@ OFFICIAL_CONVNEXT_MARK = "downsample_layers.0.0.weight"  # facebookresearch/Conv
 _METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config", "rng",
                             "args", "performance_desc", "is_pretrain", "input_size"})
 _WRAPPER_KEYS = ("model", "state_dict", "module")
+SPARK_CONFIG_KEY = "config"  # the reference SparK's state_dict(with_config=True) entry
+SPARK_HIERARCHY = 4  # feature maps of every encoder converted here (4 stages)
+ACCEPTED = ("accepted: torch.save files (.pth/.pt: a sparse-mim or SparK checkpoint, or an encoder "
+            "state_dict) and .safetensors files")
 _PARALLEL_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -60,16 +68,24 @@ def load_encoder_state_dict(
     """Return `(encoder state_dict with timm keys, {dropped group: tensor count})`.
 
     With `arch`, a checkpoint that records a different arch is refused."""
+    ckpt = load_encoder(src, arch)
+    return ckpt.state_dict, ckpt.dropped
+
+
+def load_encoder(src: str | os.PathLike | Mapping, arch: str | None = None) -> EncoderCheckpoint:
+    """The encoder's weights (timm keys), what was dropped, and the arch: `arch` when given (refused
+    if the checkpoint records another), else the one the checkpoint records (None if it has none)."""
     ckpt = read_encoder_checkpoint(src)
     if arch is not None:
         check_arch(ckpt.arch, arch)
+    arch = arch or ckpt.arch
     if is_fcmae_layout(ckpt.state_dict):
-        return fcmae_to_timm(ckpt.state_dict, arch), ckpt.dropped
+        return EncoderCheckpoint(fcmae_to_timm(ckpt.state_dict, arch), ckpt.dropped, arch)
     if is_minkowski_layout(ckpt.state_dict):
-        return from_minkowski_layout(ckpt.state_dict, arch or ckpt.arch), ckpt.dropped
+        return EncoderCheckpoint(from_minkowski_layout(ckpt.state_dict, arch), ckpt.dropped, arch)
     if OFFICIAL_CONVNEXT_MARK in ckpt.state_dict:
-        return _from_official_convnext_names(ckpt.state_dict, arch or ckpt.arch, dict(ckpt.dropped))
-    return ckpt.state_dict, ckpt.dropped
+        return EncoderCheckpoint(*_from_official_convnext_names(ckpt.state_dict, arch, dict(ckpt.dropped)), arch)
+    return EncoderCheckpoint(ckpt.state_dict, ckpt.dropped, arch)
 
 
 def _from_official_convnext_names(weights: dict[str, torch.Tensor], arch: str | None,
@@ -108,6 +124,7 @@ def read_encoder_checkpoint(src: str | os.PathLike | Mapping) -> EncoderCheckpoi
         raise ConversionError(f"expected the checkpoint to hold a dict, found {type(raw).__name__}")
 
     weights, dropped = _unwrap(raw)
+    weights, config_arch = _without_spark_config(weights)
     weights = _strip_parallel_prefixes(weights)
     encoder = _select_encoder(weights, dropped, is_pretraining=raw.get("format") == PRETRAIN_FORMAT)
 
@@ -118,14 +135,47 @@ def read_encoder_checkpoint(src: str | os.PathLike | Mapping) -> EncoderCheckpoi
             del encoder[k]
 
     arch = raw.get("arch") if isinstance(raw.get("arch"), str) else file_arch
+    if config_arch is not None:
+        check_arch(arch, config_arch)
+        arch = config_arch
     return EncoderCheckpoint(encoder, dict(dropped), arch)
+
+
+def _without_spark_config(weights: Mapping) -> tuple[Mapping, str | None]:
+    """Split off the `config` dict of a reference SparK `state_dict(with_config=True)`; check it
+    against what can be converted and return the arch it names (None: it names none)."""
+    config = weights.get(SPARK_CONFIG_KEY)
+    if not isinstance(config, Mapping):
+        return weights, None
+    hierarchy = config.get("hierarchy")
+    if hierarchy is not None and hierarchy != SPARK_HIERARCHY:
+        raise ConversionError(f"the checkpoint's SparK config has hierarchy={hierarchy!r} (feature maps), but "
+                              f"every encoder converted here has {SPARK_HIERARCHY} stages; this is not one of "
+                              f"the supported archs")
+    named = next((config[k] for k in ("arch", "model") if isinstance(config.get(k), str)), None)
+    return {k: v for k, v in weights.items() if k != SPARK_CONFIG_KEY}, named
+
+
+def _file_kind(path: Path) -> str:
+    """"torch" (torch.save's zip, or a plain pickle as older torch wrote), "safetensors" (an 8-byte
+    header length, then the JSON header), or a ConversionError naming what the file is not."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= size:
+        return "safetensors"
+    what = "it is empty" if not head else f"it starts with {head[:12]!r}"
+    raise ConversionError(f"{path} is not a torch or safetensors checkpoint ({what}); {ACCEPTED}")
 
 
 def _read_file(path: Path) -> tuple[object, str | None]:
     if not path.is_file():
         raise ConversionError(f"checkpoint not found: {path}")
+    kind = _file_kind(path)
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors import safe_open
             from safetensors.torch import load_file
 

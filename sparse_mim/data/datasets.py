@@ -4,8 +4,9 @@ Labels are not needed for pretraining, so the layout only decides where to look:
 when it exists, otherwise ``<path>`` itself, searched recursively. Every file whose extension is one
 of ``IMAGE_EXTENSIONS`` (any case) is an image.
 
-Unreadable files are not fatal: the item falls back to the next readable image and reports how many
-files it skipped, so the trainer can print one count per epoch instead of a line per file.
+Unreadable files are not fatal: the item falls back to the next readable image and reports its own
+index as unreadable, so the trainer can count distinct files per epoch and name the first few
+instead of printing a line per file.
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def find_images(path: str | os.PathLike) -> Tuple[Path, List[Path]]:
 
 
 class AugmentedImages(Dataset):
-    """Base class: item ``i`` is ``(transform(image i), number of unreadable images skipped)``.
+    """Base class: item ``i`` is ``(transform(image i), -1)``, or ``(transform(next readable image), i)``
+    when file ``i`` cannot be read.
 
     The transform's randomness is seeded by ``(seed, epoch, i)``; call ``set_epoch`` before each
     epoch. Subclasses implement ``__len__``, ``load(i) -> PIL.Image`` and ``describe()``.
@@ -77,6 +79,10 @@ class AugmentedImages(Dataset):
     def describe(self) -> str:
         raise NotImplementedError
 
+    def name(self, index: int) -> str:
+        """How a log names item ``index`` (a file path for image folders)."""
+        return f"image {index}"
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
         n = len(self)
@@ -85,7 +91,7 @@ class AugmentedImages(Dataset):
                 image = self.load((index + skipped) % n)
             except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
                 continue
-            return self.transform(image, generator), skipped
+            return self.transform(image, generator), (index if skipped else -1)
         raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
                         f"could not be read ({self.describe()}); check the files")
 
@@ -105,6 +111,9 @@ class ImageFolder(AugmentedImages):
 
     def path(self, index: int) -> Path:
         return self.root / os.fsdecode(self.files[index])
+
+    def name(self, index: int) -> str:
+        return str(self.path(index))
 
     def load(self, index: int) -> Image.Image:
         with Image.open(self.path(index)) as image:

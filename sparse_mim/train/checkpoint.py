@@ -12,10 +12,13 @@
 
 Everything in it loads with ``torch.load(..., weights_only=True)``. Beside it,
 ``encoder_<arch>.safetensors`` holds the encoder alone with timm's key names and metadata
-``{"arch": ...}``, ready for ``timm.create_model(arch).load_state_dict(..., strict=False)`` (no head).
+``{"arch": ..., "key_names": "timm", "step": the checkpoint step it was exported at}``, ready for
+``timm.create_model(arch).load_state_dict(..., strict=False)`` (no head).
 
 Each file is written to a temporary file in the same folder, flushed to disk, then renamed over the
-old one, so a crash or kill at any moment leaves either the previous file or the new one.
+old one, so a crash or kill at any moment leaves either the previous file or the new one. A kill
+between the two renames leaves an export older than the checkpoint: ``refresh_encoder_export`` (run at
+every start) sees it by the step and exports again.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from sparse_mim.convert.sources import PRETRAIN_FORMAT as FORMAT
 from sparse_mim.convert.writers import atomic_write
 
 __all__ = ["FORMAT", "CHECKPOINT_NAME", "encoder_export_name", "rng_state", "set_rng_state", "rank_rng_state",
-           "save_checkpoint", "save_encoder", "load_checkpoint"]
+           "save_checkpoint", "save_encoder", "export_step", "refresh_encoder_export", "load_checkpoint"]
 
 CHECKPOINT_NAME = "checkpoint.pth"
 
@@ -69,12 +72,38 @@ def rank_rng_state(rng: Mapping[str, Any], rank: int) -> Optional[Mapping[str, A
 
 
 # -- writing ---------------------------------------------------------------------------------------
-def save_encoder(encoder: torch.nn.Module, path: str | os.PathLike, arch: str) -> Path:
+def save_encoder(encoder: torch.nn.Module, path: str | os.PathLike, arch: str, step: Optional[int] = None) -> Path:
+    """The encoder's weights (timm names) as safetensors; ``step``: the checkpoint step they belong to."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
-    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"arch": arch,
-                                                                                     "key_names": "timm"}))
+    metadata = {"arch": arch, "key_names": "timm", **({"step": str(int(step))} if step is not None else {})}
+    return atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def export_step(path: str | os.PathLike) -> Optional[int]:
+    """The checkpoint step an encoder export records; None if it is missing, unreadable or has none."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int((f.metadata() or {})["step"])
+    except Exception:  # noqa: BLE001 -- any unreadable or foreign file counts as "no export"
+        return None
+
+
+def refresh_encoder_export(output_dir: str | os.PathLike, encoder: torch.nn.Module, arch: str,
+                           step: int) -> Optional[str]:
+    """Export ``encoder`` (loaded from the checkpoint at ``step``) unless the export already records
+    ``step``; return a note saying what was replaced, or None when the export was current."""
+    path = Path(output_dir) / encoder_export_name(arch)
+    found = export_step(path)
+    if found == step:
+        return None
+    was = ("missing" if not path.exists() else f"from step {found}" if found is not None
+           else "unreadable or without a step")
+    save_encoder(encoder, path, arch, step)
+    return f"re-exported {path.name} from the checkpoint at step {step} (the export was {was})"
 
 
 def save_checkpoint(output_dir: str | os.PathLike, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -87,7 +116,7 @@ def save_checkpoint(output_dir: str | os.PathLike, *, model: torch.nn.Module, op
     ckpt = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": int(epoch), "step": int(step), "config": config, "arch": arch, "rng": rng}
     path = atomic_write(output_dir / CHECKPOINT_NAME, lambda tmp: torch.save(ckpt, tmp))
-    save_encoder(model.encoder, output_dir / encoder_export_name(arch), arch)
+    save_encoder(model.encoder, output_dir / encoder_export_name(arch), arch, step)
     return path
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -50,9 +50,10 @@ def global_batch_mask(seed: int, step: int, global_batch: int, grid: Tuple[int, 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, schedule: Schedule, *,
                     info: DistInfo, epoch: int, step: int, stop_step: int, seed: int, mask_ratio: float,
                     clip_grad: Optional[float], autocast: bool, on_step: Callable[[Dict], None],
-                    stop_requested: Callable[[], bool], forward: Optional[Callable] = None) -> Tuple[int, int]:
+                    stop_requested: Callable[[], bool], forward: Optional[Callable] = None) -> Tuple[int, Set[int]]:
     """Train from global ``step`` until the loader ends, ``stop_step`` is reached or a stop is
-    requested. Returns ``(step after the last update, unreadable images skipped on this rank)``.
+    requested. Returns ``(step after the last update, dataset indices of the unreadable files this
+    rank replaced)``.
 
     ``on_step`` gets each step's metrics (loss averaged over ranks; ``data_s`` = this rank's wait for
     the batch, ``compute_s`` = the rest of the step up to the update, ``data_wait`` = the waiting
@@ -65,11 +66,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     global_batch = loader.batch_size * info.world_size
     use_autocast = autocast and info.device.type == "cuda"
     patch_size = unwrap(model).patch_size
-    skipped = 0
+    unreadable: Set[int] = set()
     tic = time.perf_counter()
-    for images, n_skipped in loader:
+    for images, bad in loader:
         fetched = time.perf_counter()
-        skipped += int(n_skipped.sum())
+        unreadable.update(int(i) for i in bad.tolist() if i >= 0)
         lr, wd = schedule.lr(step), schedule.wd(step)
         apply_schedule(optimizer, lr, wd)
 
@@ -101,4 +102,4 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
         if step >= stop_step or stop_requested():
             break
         tic = time.perf_counter()  # logging and step checkpoints count as neither data nor compute
-    return step, skipped
+    return step, unreadable

@@ -154,8 +154,11 @@ def save_loss_curve(metrics_path: str | Path, path: str | Path, title: str,
         total += value - (losses[i - window] if i >= window else 0.0)
         smooth.append(total / min(i + 1, window))
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
-    ax.plot(steps, smooth, lw=1.8, label=f"mean of {window} steps" if window > 1 else "loss")
+    if window > 1:
+        ax.plot(steps, losses, lw=0.8, alpha=0.4, label="loss")
+        ax.plot(steps, smooth, lw=1.8, label=f"mean of {window} steps")
+    else:  # fewer than 40 points: the mean of one step is the loss itself
+        ax.plot(steps, losses, lw=1.8, label="loss")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

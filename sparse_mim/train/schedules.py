@@ -6,11 +6,13 @@
     wd:  a half cosine from weight_decay (0.04) *up* to weight_decay_end (0.2), reached at the last step
 
 Both are evaluated every iteration; ``step`` counts from 0 (the first update) to ``total_steps - 1``.
+With ``train.max_steps`` the run is that many steps and both cosines end at its last step.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from torch.optim import Optimizer
 
@@ -41,7 +43,15 @@ class Schedule:
 
     @classmethod
     def from_epochs(cls, *, base_lr: float, global_batch: int, epochs: int, warmup_epochs: float,
-                    steps_per_epoch: int, weight_decay: float, weight_decay_end: float) -> "Schedule":
+                    steps_per_epoch: int, weight_decay: float, weight_decay_end: float,
+                    max_steps: Optional[int] = None) -> "Schedule":
+        """``epochs`` epochs of ``steps_per_epoch`` steps, warming up for ``warmup_epochs`` of them.
+
+        With ``max_steps`` (``train.max_steps``) the run is ``max_steps`` steps instead and the
+        schedule spans them: warmup takes the same share ``warmup_epochs / epochs`` of the steps."""
+        if max_steps is not None:
+            return cls(peak_lr(base_lr, global_batch), weight_decay, weight_decay_end,
+                       round(max_steps * warmup_epochs / epochs), max_steps)
         return cls(peak_lr(base_lr, global_batch), weight_decay, weight_decay_end,
                    round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch)
 

@@ -7,7 +7,8 @@ fresh run may start from existing weights with ``init_from`` (see ``init_from``)
 the end of every epoch, every ``train.save_every_steps`` steps / ``train.save_every_minutes``
 minutes, at ``train.max_steps``, and on SIGINT/SIGTERM (after finishing the current step); a
 NaN/inf loss stops it without touching the last checkpoint. Under ``torchrun --max-restarts=N`` a
-restarted group resumes the same way.
+restarted group resumes the same way. Every start removes the temporaries of saves that were killed
+and re-exports the encoder if its export does not come from the checkpoint the run continues from.
 """
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ from sparse_mim.spark import build_spark
 from sparse_mim.spark.graphed import GraphedSparK
 from sparse_mim.spark.masking import patch_grid, random_patch_mask
 
-from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, rng_state,
-                         save_checkpoint, save_encoder, set_rng_state)
+from sparse_mim.convert.writers import remove_stale_temporaries
+
+from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, refresh_encoder_export,
+                         rng_state, save_checkpoint, set_rng_state)
 from .config import ConfigError, flatten, to_plain, validate_config
 from .distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, env_world_size,
                           init_distributed, shutdown, unwrap, wrap_model)
@@ -53,7 +56,7 @@ RESUME_MUST_MATCH = ("model", "data.img_size", "mask_ratio", "decoder_width", "d
 class PretrainResult:
     output_dir: Path
     step: int                  # optimizer steps done in total
-    total_steps: int           # steps the run is meant to reach (epochs x steps per epoch, capped by max_steps)
+    total_steps: int           # steps the run is meant to reach (epochs x steps per epoch, or max_steps)
     resumed_from: Optional[int]  # step of the checkpoint this run started from
     losses: List[float]        # losses of the steps run by this invocation
     seconds: float
@@ -65,10 +68,12 @@ class PretrainResult:
 
 
 class _StopRequest:
-    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT interrupts at once."""
+    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT interrupts at once.
+    With ``announce``, the first signal says so on stderr at once (the step may take a while)."""
 
-    def __init__(self):
+    def __init__(self, announce: bool = True):
         self.signum: Optional[int] = None
+        self.announce = announce
         self._previous: Dict[int, Any] = {}
 
     def __enter__(self) -> "_StopRequest":
@@ -80,6 +85,10 @@ class _StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if self.announce and self.signum is None:
+            what = "Ctrl-C again to abort" if signum == signal.SIGINT else f"got {signal.Signals(signum).name}"
+            # os.write: unbuffered, so safe even if the signal interrupted a write to stderr
+            os.write(2, f"\nstopping after this step and saving a checkpoint ({what})\n".encode())
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
@@ -117,7 +126,7 @@ def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, d
         raise ConfigError(f"cannot resume {path}: these differ from the checkpoint's run ("
                           + "; ".join(clashes) + "). Restore them, or use a new output_dir")
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and k not in ("train.max_steps", "init_from")]
+            if old.get(k) != new.get(k) and k != "init_from"]
 
 
 def _find_resume_point(output_dir: Path) -> Optional[ResumePoint]:
@@ -140,7 +149,9 @@ def _resume(point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.O
     if saved_rng is not None:  # a rank the checkpoint's run did not have keeps its fresh seed
         set_rng_state(saved_rng)
     step = ckpt["step"]
-    notes.append(f"resuming from {path} at step {step} (epoch {step // data_state['steps_per_epoch'] + 1})")
+    epoch, batch = divmod(step, data_state["steps_per_epoch"])
+    where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, after batch {batch}"
+    notes.append(f"resuming from {path} at step {step} ({where})")
     if changed:
         notes.append("changed since the checkpoint: " + "; ".join(changed))
     return step
@@ -171,6 +182,7 @@ def pretrain(cfg: DictConfig) -> PretrainResult:
     """Run (or resume) the pretraining described by ``cfg`` (see configs/pretrain.yaml)."""
     validate_config(cfg, env_world_size())
     config = to_plain(cfg)
+    _check_output_dir(Path(config["output_dir"]).expanduser())
     data_cfg, train_cfg = config["data"], config["train"]
     dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"]), seed=train_cfg["seed"])
     check_batch_fits(dataset, train_cfg["batch_size"])
@@ -179,6 +191,16 @@ def pretrain(cfg: DictConfig) -> PretrainResult:
         return _run(cfg, config, dataset, info)
     finally:
         shutdown()
+
+
+def _check_output_dir(output_dir: Path) -> None:
+    """The output folder, or its nearest existing parent, must be a folder (not a file)."""
+    for path in (output_dir, *output_dir.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "output_dir" if path == output_dir else f"output_dir's parent {path}"
+                raise ConfigError(f"{what} is a file, not a folder: {path}; pass output_dir=<a folder>")
+            return
 
 
 def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info: DistInfo) -> PretrainResult:
@@ -206,14 +228,19 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     schedule = Schedule.from_epochs(base_lr=train_cfg["base_lr"], global_batch=train_cfg["batch_size"],
                                     epochs=train_cfg["epochs"], warmup_epochs=train_cfg["warmup_epochs"],
                                     steps_per_epoch=steps_per_epoch, weight_decay=train_cfg["weight_decay"],
-                                    weight_decay_end=train_cfg["weight_decay_end"])
+                                    weight_decay_end=train_cfg["weight_decay_end"], max_steps=train_cfg["max_steps"])
     total_steps = schedule.total_steps
-    if train_cfg["max_steps"] is not None:
-        total_steps = min(total_steps, train_cfg["max_steps"])
+    epochs = -(-total_steps // steps_per_epoch)  # train.epochs, or as many as max_steps takes
     data_state = {"seed": seed, "dataset_size": len(dataset), "steps_per_epoch": steps_per_epoch}
 
-    notes = [f"data: {dataset.describe()}; {steps_per_epoch} steps per epoch of {train_cfg['batch_size']} images"
+    notes = [f"data: {dataset.describe()}; {steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} per epoch "
+             f"of {train_cfg['batch_size']} images"
              + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
+    if info.is_main:
+        removed = remove_stale_temporaries(output_dir)
+        if removed:
+            notes.append(f"removed {len(removed)} temporary file(s) of interrupted saves: "
+                         + ", ".join(p.name for p in removed))
     step = resumed_from = None
     if resume_point is not None:
         step = resumed_from = _resume(resume_point, bare, optimizer, config, data_state, info.rank, notes)
@@ -227,9 +254,12 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
         if init_report is not None:
             notes += init_report.lines()
             notes.append(f"init_from: written to {init_report.write(output_dir)}")
-        if resume_point is not None and not resume_point.is_newest_name:
-            # the export must match the checkpoint the run continues from, not the unusable newer one
-            save_encoder(bare.encoder, output_dir / encoder_export_name(arch), arch)
+        if resumed_from is not None:
+            # the export must match the checkpoint the run continues from (also an older one
+            # when the newest was unusable)
+            refreshed = refresh_encoder_export(output_dir, bare.encoder, arch, step)
+            if refreshed:
+                notes.append(refreshed)
     barrier()
 
     monitor = Monitor(output_dir, active=info.is_main, start_step=step, total_steps=total_steps,
@@ -280,7 +310,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
 
     stopped_by: Optional[int] = None
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(announce=info.is_main) as stop:
             def stop_requested() -> bool:
                 """Whether any rank got a signal (then stop), else save if a step checkpoint is due
                 (rank 0's clock decides); every rank gets the same answers at the same step."""
@@ -297,16 +327,18 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
             while step < total_steps and stopped_by is None:
                 epoch = step // steps_per_epoch
                 set_epoch(loader, epoch, start_batch=step % steps_per_epoch)
-                monitor.set_description(f"pretrain {arch} epoch {epoch + 1}/{train_cfg['epochs']}")
-                step, skipped = train_one_epoch(
+                monitor.set_description(f"pretrain {arch} epoch {epoch + 1}/{epochs}")
+                step, unreadable = train_one_epoch(
                     model, loader, optimizer, schedule, info=info, epoch=epoch, step=step, stop_step=total_steps,
                     seed=seed, mask_ratio=config["mask_ratio"], clip_grad=train_cfg["clip_grad"],
                     autocast=train_cfg["autocast"], on_step=on_step, stop_requested=stop_requested,
                     forward=graphed)
-                skipped = sum(all_gather_objects(skipped))
-                if skipped:
-                    monitor.message(f"epoch {epoch + 1}: skipped {skipped} unreadable image(s), each replaced by "
-                                    f"the next readable one")
+                unreadable = sorted(set().union(*all_gather_objects(unreadable)))
+                if unreadable:
+                    shown = ", ".join(dataset.name(i) for i in unreadable[:3])
+                    more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+                    monitor.message(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable image(s), each "
+                                    f"replaced by the next readable one: {shown}{more}")
                 save(step)
                 if step % steps_per_epoch == 0:
                     picture(f"epoch_{epoch + 1:04d}", f"{arch}, epoch {epoch + 1}, step {step}")

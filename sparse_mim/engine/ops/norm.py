@@ -136,8 +136,16 @@ def _update_running(bn, mean, var, count, factor) -> None:
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
+    """Differentiable sum over ranks. torch marks ``torch.distributed.nn.functional.all_reduce`` as
+    deprecated (a FutureWarning per call) in favour of functional collectives, which are not
+    differentiable in every torch this package supports; it still works, so the warning is silenced."""
+    import warnings
+
     from torch.distributed.nn.functional import all_reduce
-    return all_reduce(t, group=group)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+                                category=FutureWarning)
+        return all_reduce(t, group=group)
 
 
 def _batch_norm_from_moments(x, bn, group):
