@@ -80,10 +80,13 @@ def finetune(argv: Sequence[str]) -> int:
     from sparse_mim.train import ConfigError, NonFiniteLossError
 
     if any(a in ("-h", "--help") for a in argv):
-        from omegaconf import OmegaConf
+        from sparse_mim.configs import help_text
 
-        print("usage: sparse-mim finetune [key=value ...]   (Hydra overrides)\n\ndefaults (configs/finetune.yaml):\n")
-        print(OmegaConf.to_yaml(compose_finetune_config([a for a in argv if a not in ("-h", "--help")])))
+        try:
+            cfg = compose_finetune_config([a for a in argv if a not in ("-h", "--help")])
+        except ConfigError as e:
+            return _error("finetune", e, 2)
+        print(help_text("finetune", cfg, "usage: sparse-mim finetune [key=value ...]   (Hydra overrides)"), end="")
         return 0
     options = [a for a in argv if a.startswith("-")]
     if options:
