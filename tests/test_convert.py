@@ -698,6 +698,6 @@ def test_arch_help_lists_the_archs_of_each_target():
     from sparse_mim.convert.cli import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    detectron2 = text.split("--to detectron2:")[1].split("--out")[0]
+    detectron2 = text.split("--to detectron2:")[1].split("--out")[0].split(";")[0]
     assert "resnet50" in detectron2 and "convnext" not in detectron2
     assert "convnext_tiny" in text.split("--to torchvision:")[1].split("--to detectron2")[0]

@@ -193,7 +193,7 @@ def test_unsupported_glue_fails_with_a_clear_error():
     x = SparseTensor.from_patch_mask(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool))
     with pytest.raises(UnsupportedOperationError, match="indexing a sparse tensor"):
         block(x)
-    with pytest.raises(UnsupportedOperationError, match="Tensor.flatten is not supported on sparse tensors"):
+    with pytest.raises(UnsupportedOperationError, match=r"Tensor(Base)?\.flatten is not supported on sparse tensors"):
         x.flatten(1)
 
 
@@ -213,5 +213,7 @@ def test_timm_export_of_a_sparsified_model_loads_with_only_the_head_missing():
     exported = to_timm(enc.state_dict(), "efficientnet_b0")
     result = timm.create_model("efficientnet_b0").load_state_dict(exported, strict=False)
     assert not result.unexpected_keys
-    assert sorted(result.missing_keys) == sorted(timm_classifier_keys("efficientnet_b0"))
+    # torch's BatchNorm fills a missing num_batches_tracked itself instead of reporting it
+    head = [k for k in timm_classifier_keys("efficientnet_b0") if not k.endswith("num_batches_tracked")]
+    assert sorted(result.missing_keys) == sorted(head)
     assert {k.split(".")[0] for k in result.missing_keys} == {"conv_head", "bn2", "classifier"}

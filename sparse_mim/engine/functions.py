@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict
 import torch
 import torch.nn.functional as F
 
+from .coords import SparseInputError
 from .errors import UnsupportedOperationError
 from .ops.gather import gather_rows
 from .ops.sample import global_avg_pool, per_sample_sum
@@ -82,8 +83,8 @@ def _check_same(ref: SiteTensor, other: SiteTensor, what: str) -> None:
     if type(other) is not type(ref):
         raise UnsupportedOperationError(f"{what}: cannot combine {type(ref).__name__} with {type(other).__name__}")
     if other.manager is not ref.manager or other.stride != ref.stride:
-        raise UnsupportedOperationError(f"{what}: operands live on different active sets (stride {ref.stride} vs "
-                                        f"{other.stride}, or another batch's coordinate manager)")
+        raise SparseInputError(f"{what}: operands live on different active sets (stride {ref.stride} vs "
+                               f"{other.stride}, or another batch's coordinate manager)")
     if other.layout != ref.layout:
         raise UnsupportedOperationError(f"{what}: operands have different layouts ({ref.layout} vs {other.layout})")
 
