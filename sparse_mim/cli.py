@@ -44,63 +44,52 @@ def _error(command: str, message: object, code: int) -> int:
     return code
 
 
-def pretrain(argv: Sequence[str]) -> int:
-    from sparse_mim.data import DataError
-    from sparse_mim.train import ConfigError, NonFiniteLossError, compose_config, pretrain as run_pretrain
+def _training_command(command: str, argv: Sequence[str], compose: Callable, run: Callable, usage: str,
+                      bad_input: tuple) -> int:
+    """A command configured by ``configs/<command>.yaml``: ``--help``, key=value overrides, one-line
+    errors (``bad_input`` exit 2, a non-finite loss exit 1) and 128 + signal when a signal stopped it."""
+    from sparse_mim.configs import help_text
+    from sparse_mim.train import ConfigError, NonFiniteLossError
 
     if any(a in ("-h", "--help") for a in argv):
-        from sparse_mim.configs import help_text
-
         try:
-            cfg = compose_config([a for a in argv if a not in ("-h", "--help")])
+            cfg = compose([a for a in argv if a not in ("-h", "--help")])
         except ConfigError as e:
-            return _error("pretrain", e, 2)
-        print(help_text("pretrain", cfg, "usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; "
-                                         "preset=imagenet for SparK's ImageNet recipe)"), end="")
+            return _error(command, e, 2)
+        print(help_text(command, cfg, usage), end="")
         return 0
     options = [a for a in argv if a.startswith("-")]
     if options:
-        return _error("pretrain", f"unknown option(s) {' '.join(options)}; settings are given as key=value "
-                      f"(see sparse-mim pretrain --help)", 2)
+        return _error(command, f"unknown option(s) {' '.join(options)}; settings are given as key=value "
+                      f"(see sparse-mim {command} --help)", 2)
     try:
-        result = run_pretrain(compose_config(argv))
-    except (ConfigError, DataError) as e:
-        return _error("pretrain", e, 2)
+        result = run(compose(argv))
+    except (ConfigError, *bad_input) as e:
+        return _error(command, e, 2)
     except NonFiniteLossError as e:
-        return _error("pretrain", e, 1)
+        return _error(command, e, 1)
     if result.stopped_by is not None:
         return 128 + result.stopped_by
     return 0
+
+
+def pretrain(argv: Sequence[str]) -> int:
+    from sparse_mim.data import DataError
+    from sparse_mim.train import compose_config, pretrain as run_pretrain
+
+    return _training_command("pretrain", argv, compose_config, run_pretrain,
+                             "usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; "
+                             "preset=imagenet for SparK's ImageNet recipe)", (DataError,))
 
 
 def finetune(argv: Sequence[str]) -> int:
     from sparse_mim.convert import ConversionError
     from sparse_mim.data import DataError
     from sparse_mim.finetune import compose_finetune_config, finetune as run_finetune
-    from sparse_mim.train import ConfigError, NonFiniteLossError
 
-    if any(a in ("-h", "--help") for a in argv):
-        from sparse_mim.configs import help_text
-
-        try:
-            cfg = compose_finetune_config([a for a in argv if a not in ("-h", "--help")])
-        except ConfigError as e:
-            return _error("finetune", e, 2)
-        print(help_text("finetune", cfg, "usage: sparse-mim finetune [key=value ...]   (Hydra overrides)"), end="")
-        return 0
-    options = [a for a in argv if a.startswith("-")]
-    if options:
-        return _error("finetune", f"unknown option(s) {' '.join(options)}; settings are given as key=value "
-                      f"(see sparse-mim finetune --help)", 2)
-    try:
-        result = run_finetune(compose_finetune_config(argv))
-    except (ConfigError, DataError, ConversionError) as e:
-        return _error("finetune", e, 2)
-    except NonFiniteLossError as e:
-        return _error("finetune", e, 1)
-    if result.stopped_by is not None:
-        return 128 + result.stopped_by
-    return 0
+    return _training_command("finetune", argv, compose_finetune_config, run_finetune,
+                             "usage: sparse-mim finetune [key=value ...]   (Hydra overrides)",
+                             (DataError, ConversionError))
 
 
 def convert(argv: Sequence[str]) -> int:

@@ -144,10 +144,3 @@ def build_transforms(data_cfg: dict, augment_cfg: dict) -> Tuple[Callable, Calla
     evaluate = create_transform(size, is_training=False, interpolation="bicubic", crop_pct=data_cfg["crop_pct"])
     return train, evaluate
 
-
-def no_augmentation(data_cfg: dict) -> Callable:
-    """The eval transform, used for kNN features of the training images too."""
-    from timm.data import create_transform
-
-    return create_transform(data_cfg["img_size"], is_training=False, interpolation="bicubic",
-                            crop_pct=data_cfg["crop_pct"])
