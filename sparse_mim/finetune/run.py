@@ -22,9 +22,9 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.convert.writers import atomic_write, remove_stale_temporaries
 from sparse_mim.data import build_loader, set_epoch
-from sparse_mim.train.checkpoint import rank_rng_state, rng_state, set_rng_state
+from sparse_mim.train.checkpoint import load_checkpoint, rank_rng_state, rng_state, set_rng_state
 from sparse_mim.train.config import ConfigError, flatten, to_plain
 from sparse_mim.train.distributed import (DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean, barrier,
                                           env_world_size, init_distributed, shutdown, unwrap, wrap_model)
@@ -66,13 +66,9 @@ class FinetuneResult:
 
 def load_finetune_checkpoint(path: Path) -> Dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"could not read the checkpoint {path}: {e}; move it away to start afresh") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ConfigError(f"{path} is not a sparse-mim fine-tuning checkpoint (expected format {FORMAT!r}); "
-                          f"use another output_dir")
-    return ckpt
+        return load_checkpoint(path, FORMAT, "fine-tuning")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _label_seed(config: Dict[str, Any]) -> int:
@@ -98,6 +94,7 @@ def _prepare_output(cfg: DictConfig, output_dir: Path, info: DistInfo) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output_dir {output_dir} is a file; pass a folder for the run's outputs")
     if info.is_main:
+        remove_stale_temporaries(output_dir)  # of saves a killed run left behind
         output_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, output_dir / "config.yaml", resolve=True)
     barrier()
@@ -264,7 +261,7 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     stopped_by: Optional[int] = None
     summary = None
     try:
-        with _StopRequest() as stop:
+        with _StopRequest(announce=info.is_main) as stop:
             while step < total_steps and stopped_by is None:
                 epoch = step // steps_per_epoch
                 set_epoch(loader, epoch, start_batch=step % steps_per_epoch)

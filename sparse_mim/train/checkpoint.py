@@ -121,17 +121,18 @@ def save_checkpoint(output_dir: str | os.PathLike, *, model: torch.nn.Module, op
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a ``checkpoint.pth`` written by ``save_checkpoint`` (tensors only, no arbitrary code)."""
+def load_checkpoint(path: str | os.PathLike, fmt: str = FORMAT, kind: str = "pretraining") -> Dict[str, Any]:
+    """Read a ``checkpoint.pth`` of format ``fmt`` (``save_checkpoint``'s by default; the fine-tuning
+    run's too) with tensors only, no arbitrary code."""
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"could not read the checkpoint {path}: {e}; move it away to start afresh") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a sparse-mim pretraining checkpoint (format {found!r}, expected "
-                         f"{FORMAT!r}); use another output_dir")
+        raise ValueError(f"{path} is not a sparse-mim {kind} checkpoint (format {found!r}, expected "
+                         f"{fmt!r}); use another output_dir")
     return ckpt
 
 
