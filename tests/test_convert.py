@@ -526,6 +526,25 @@ def test_cli_exports_a_pretraining_checkpoint_to_timm_safetensors(tmp_path, caps
         assert torch.equal(target.forward_features(x), source.forward_features(x))
 
 
+@pytest.mark.parametrize("arch_flag", [True, False])
+def test_cli_exports_a_sparsified_timm_model_by_its_timm_name(tmp_path, capsys, arch_flag):
+    """`convert --to timm --arch efficientnet_b0`: any timm name pretrained through sparsify."""
+    from backbones import create_backbone
+
+    encoder = create_backbone("efficientnet_b0").state_dict()
+    ckpt = tmp_path / "pretrain.pth"
+    torch.save(pretraining_checkpoint(encoder, "efficientnet_b0"), ckpt)
+    out = tmp_path / "e.safetensors"
+    arch = ["--arch", "efficientnet_b0"] if arch_flag else []
+    assert main([str(ckpt), "--to", "timm", *arch, "--out", str(out)]) == 0
+    assert "(timm names, efficientnet_b0)" in capsys.readouterr().out
+    exported = load_file(str(out))
+    result = timm.create_model("efficientnet_b0", pretrained=False).load_state_dict(exported, strict=False)
+    assert result.unexpected_keys == []
+    assert {k.split(".")[0] for k in result.missing_keys} == {"conv_head", "bn2", "classifier"}
+    assert all(torch.equal(exported[k], v) for k, v in encoder.items())
+
+
 def test_cli_exports_torchvision_pth_and_detectron2_pkl(tmp_path, capsys):
     ckpt = tmp_path / "enc.pth"
     torch.save(small_encoder("resnet18"), ckpt)

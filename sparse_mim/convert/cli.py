@@ -26,6 +26,11 @@ _ARCHS = {"timm": tuple(ARCHS), "torchvision": TORCHVISION_ARCHS, "detectron2": 
           "minkowski": tuple(ARCHS)}
 
 
+def _supported(to: str) -> tuple[str, ...] | None:
+    """The archs `--to` accepts; None for timm, which takes any timm model name (sparsified encoders)."""
+    return None if to == "timm" else _ARCHS[to]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-mim convert",
@@ -50,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _convert(args: argparse.Namespace) -> None:
     # refuse what cannot work before reading a possibly large checkpoint
     if args.arch is not None:
-        get_arch(args.arch, target=args.to, supported=_ARCHS[args.to])
+        get_arch(args.arch, target=args.to, supported=_supported(args.to))
     suffixes = _SUFFIXES[args.to]
     if args.out.suffix not in suffixes:
         raise ConversionError(
@@ -60,7 +65,7 @@ def _convert(args: argparse.Namespace) -> None:
     if ckpt.arch is None:
         raise ConversionError(f"{args.checkpoint} does not record its architecture; pass --arch NAME "
                               f"(--to {args.to}: {', '.join(_ARCHS[args.to])})")
-    args.arch = get_arch(ckpt.arch, target=args.to, supported=_ARCHS[args.to]).name
+    args.arch = get_arch(ckpt.arch, target=args.to, supported=_supported(args.to)).name
     state_dict, dropped = ckpt.state_dict, ckpt.dropped
 
     if args.to == "detectron2":
