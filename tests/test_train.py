@@ -293,9 +293,9 @@ def test_max_steps_sizes_warmup_and_cosine_to_the_run(images, tmp_path):
 
 
 def test_first_ctrl_c_says_the_run_stops_after_this_step(capfd):
-    from sparse_mim.train.trainer import _StopRequest
+    from sparse_mim.train.run_control import StopRequest
 
-    with _StopRequest(announce=True) as stop:
+    with StopRequest(announce=True) as stop:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
         assert stop.signum == signal.SIGINT

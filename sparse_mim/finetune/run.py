@@ -30,7 +30,7 @@ from sparse_mim.train.distributed import (DistInfo, all_gather_objects, all_redu
                                           env_world_size, init_distributed, shutdown, unwrap, wrap_model)
 from sparse_mim.train.engine import NonFiniteLossError
 from sparse_mim.train.monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
-from sparse_mim.train.trainer import _seed_everything, _set_determinism, _StopRequest
+from sparse_mim.train.run_control import StopRequest, seed_everything, set_determinism
 
 from .config import validate_finetune_config
 from .data import LabelledImages, build_transforms, find_splits, label_subset
@@ -189,8 +189,8 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     summary_path = output_dir / SUMMARY_NAME
     _prepare_output(cfg, output_dir, info)
 
-    _set_determinism(False)
-    _seed_everything(seed + info.rank)
+    set_determinism(False)
+    seed_everything(seed + info.rank)
     model, load_note = _build_model(config, len(classes))
     model = model.to(info.device)
     model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"] and mode == "finetune")
@@ -261,7 +261,7 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     stopped_by: Optional[int] = None
     summary = None
     try:
-        with _StopRequest(announce=info.is_main) as stop:
+        with StopRequest(announce=info.is_main) as stop:
             while step < total_steps and stopped_by is None:
                 epoch = step // steps_per_epoch
                 set_epoch(loader, epoch, start_batch=step % steps_per_epoch)

@@ -12,10 +12,7 @@ and re-exports the encoder if its export does not come from the checkpoint the r
 """
 from __future__ import annotations
 
-import os
-import random
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +39,7 @@ from .engine import train_one_epoch
 from .init_from import init_from
 from .monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
 from .optim import build_optimizer
+from .run_control import StopRequest, seed_everything, set_determinism
 from .rotation import ResumePoint, SaveSchedule, keep_previous, newest_good_checkpoint, prune
 from .schedules import Schedule
 from .throughput import DataWaitWatch
@@ -65,49 +63,6 @@ class PretrainResult:
     @property
     def finished(self) -> bool:
         return self.step >= self.total_steps
-
-
-class _StopRequest:
-    """SIGINT/SIGTERM ask the run to stop after the current step; a second SIGINT interrupts at once.
-    With ``announce``, the first signal says so on stderr at once (the step may take a while)."""
-
-    def __init__(self, announce: bool = True):
-        self.signum: Optional[int] = None
-        self.announce = announce
-        self._previous: Dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.announce and self.signum is None:
-            what = "Ctrl-C again to abort" if signum == signal.SIGINT else f"got {signal.Signals(signum).name}"
-            # os.write: unbuffered, so safe even if the signal interrupted a write to stderr
-            os.write(2, f"\nstopping after this step and saving a checkpoint ({what})\n".encode())
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _set_determinism(deterministic: bool) -> None:
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
 
 
 def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, data_state: Dict[str, int]) -> List[str]:
@@ -210,8 +165,8 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     ckpt_path = output_dir / CHECKPOINT_NAME
     start_time = time.perf_counter()
 
-    _set_determinism(train_cfg["deterministic"])
-    _seed_everything(seed + info.rank)
+    set_determinism(train_cfg["deterministic"])
+    seed_everything(seed + info.rank)
     model = build_spark(arch, mask_ratio=config["mask_ratio"], drop_path_rate=config["drop_path_rate"],
                         decoder_width=config["decoder_width"], backend=config.get("backend", "native"))
     resume_point = _find_resume_point(output_dir)
@@ -310,7 +265,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
 
     stopped_by: Optional[int] = None
     try:
-        with _StopRequest(announce=info.is_main) as stop:
+        with StopRequest(announce=info.is_main) as stop:
             def stop_requested() -> bool:
                 """Whether any rank got a signal (then stop), else save if a step checkpoint is due
                 (rank 0's clock decides); every rank gets the same answers at the same step."""
