@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers through /proc")
 
-#: Generous: each run takes ~30 s on a quiet 2-core machine, several times that on a loaded one.
+#: Generous: the test takes ~30 s on a quiet 2-core machine, 50-80 s at load 4, more on a busier one.
 TIMEOUT = 900
 
 # 16 images, global batch 4 over 2 processes: 4 steps per epoch, 8 in all; step checkpoints at 2, 6
