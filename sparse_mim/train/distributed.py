@@ -1,12 +1,24 @@
 """Distributed helpers: torchrun environment, process group (gloo on CPU, NCCL on GPU), SyncBN, DDP.
 
 A plain ``python``/``sparse-mim`` launch is a world of one process and needs no process group.
+
+Restarts under ``torchrun --max-restarts=N``: torchrun's agent hosts one TCPStore for its workers
+(``TORCHELASTIC_USE_AGENT_STORE=True``, at ``MASTER_ADDR:MASTER_PORT``) and keeps the *same* store
+across restarts. torch's ``env://`` init uses it without a per-attempt prefix, so a restarted group
+finds the previous group's keys there: gloo reads the dead workers' addresses ("connectFullMesh ...
+Connection refused"), NCCL may read an old unique id (pytorch/pytorch#135712). The worker-side
+``TORCHELASTIC_RESTART_COUNT`` is no cure on several nodes: each agent counts its own restarts.
+So ``init_distributed`` first agrees on a fresh random token with the other workers of this group
+(``_group_token``) and hands the process group the agent's store under that token's prefix.
 """
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from dataclasses import dataclass
-from typing import Any, List
+from datetime import timedelta
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from sparse_mim.engine import convert_sync_batchnorm
 
-__all__ = ["DistInfo", "env_world_size", "init_distributed", "shutdown", "wrap_model", "unwrap",
+__all__ = ["DistInfo", "env_world_size", "init_distributed", "group_store", "shutdown", "wrap_model", "unwrap",
            "all_reduce_mean", "all_reduce_max", "all_gather_objects", "barrier"]
 
 
@@ -51,9 +63,67 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        device_id = device if device.type == "cuda" else None
+        store = group_store(rank, world)
+        if store is None:  # not under torchrun's shared store: torch's env:// init is fine
+            dist.init_process_group(backend, device_id=device_id)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world, device_id=device_id)
     return DistInfo(rank, world, local_rank, device)
+
+
+#: How long the workers of one group wait for each other to agree on their token.
+GROUP_TIMEOUT = timedelta(minutes=30)
+
+
+def group_store(rank: int, world: int, timeout: timedelta = GROUP_TIMEOUT) -> Optional[dist.Store]:
+    """torchrun's agent store under a prefix that only this group of workers uses, or None when
+    the workers do not share the agent's store (no torchrun, or ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``:
+    then rank 0 hosts a fresh store each time)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size=world,
+                          is_master=False, timeout=timeout)
+    token = _group_token(dist.PrefixStore("sparse_mim/join/", store), rank, world, timeout)
+    return dist.PrefixStore(f"sparse_mim/group/{token}/", store)
+
+
+def _group_token(store: dist.Store, rank: int, world: int, timeout: timedelta, poll: float = 0.01) -> str:
+    """A random token that ranks ``0..world-1`` of this group of processes all return.
+
+    ``store`` may hold any keys of earlier groups (same ranks, same store): each key a worker waits
+    for contains a fresh random value it knows, so an old key is never mistaken for a new one.
+    Rank r > 0 writes a fresh nonce under ``hello/<r>`` and waits for ``reply/<nonce>``; rank 0 draws
+    the token, answers every nonce it sees (an old ``hello/<r>`` gets an answer nobody reads) and
+    returns once each rank wrote ``ack/<token>/<r>``.
+    """
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"hello/{rank}", nonce)
+        token = store.get(f"reply/{nonce}").decode()  # waits up to the store's timeout
+        store.set(f"ack/{token}/{rank}", "1")
+        return token
+    token = uuid.uuid4().hex
+    answered = {}
+    pending = set(range(1, world))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while pending:
+        for r in sorted(pending):
+            if store.check([f"ack/{token}/{r}"]):
+                pending.discard(r)
+            elif store.check([f"hello/{r}"]):
+                nonce = store.get(f"hello/{r}").decode()
+                if answered.get(r) != nonce:
+                    store.set(f"reply/{nonce}", token)
+                    answered[r] = nonce
+        if pending:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"rank 0 waited {timeout} for rank(s) {sorted(pending)} of {world} to join "
+                                   f"the process group (torchrun store {os.environ.get('MASTER_ADDR')}:"
+                                   f"{os.environ.get('MASTER_PORT')})")
+            time.sleep(poll)
+    return token
 
 
 def shutdown() -> None:
