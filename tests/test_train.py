@@ -397,12 +397,21 @@ def test_cli_help_lists_the_commands():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_cuda_graph_is_refused_without_cuda_or_with_several_processes(images, tmp_path, monkeypatch):
+def test_cuda_graph_is_refused_without_cuda_or_with_ddp_gradient_sync(images, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="needs a CUDA device") as err:
-        pretrain(_config(images, tmp_path / "run", "train.cuda_graph=true"))
-    assert "runs in one process only" in str(err.value) and "got 2 processes" in str(err.value)
+        pretrain(_config(images, tmp_path / "run", "train.cuda_graph=true", "train.grad_sync=ddp"))
+    assert "not ddp" in str(err.value)
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="train.grad_sync must be auto, ddp or allreduce"):
+        pretrain(_config(images, tmp_path / "run", "train.grad_sync=nccl"))
+
+
+def test_grad_sync_auto_averages_after_backward_exactly_when_the_encoder_is_graphed():
+    from sparse_mim.train.config import resolve_grad_sync
+    assert resolve_grad_sync({"cuda_graph": True, "grad_sync": "auto"}) == "allreduce"
+    assert resolve_grad_sync({"cuda_graph": False, "grad_sync": "auto"}) == "ddp"
+    assert resolve_grad_sync({"cuda_graph": False, "grad_sync": "allreduce"}) == "allreduce"
 
 
 def test_cuda_graph_runs_every_training_step_through_the_graphed_forward(images, tmp_path, monkeypatch):

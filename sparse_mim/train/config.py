@@ -11,8 +11,9 @@ from typing import Any, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from .distributed import GRAD_SYNCS
 
-__all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten"]
+__all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
 
 CONFIG_DIR = config_dir()
 
@@ -40,6 +41,13 @@ def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+def resolve_grad_sync(train: Dict[str, Any]) -> str:
+    """``train.grad_sync`` with ``auto`` decided: ``allreduce`` for a CUDA-graphed encoder, else ``ddp``."""
+    if train.get("grad_sync", "auto") != "auto":
+        return train["grad_sync"]
+    return "allreduce" if train.get("cuda_graph") else "ddp"
 
 
 def _cuda_available() -> bool:
@@ -119,11 +127,14 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
                       f"`sparse-mim convert` reads")
     _require(cfg.drop_path_rate is None or 0 <= cfg.drop_path_rate < 1,
              f"drop_path_rate must be null or in [0, 1), got {cfg.drop_path_rate!r}", errors)
+    _require(t.grad_sync in ("auto", *GRAD_SYNCS),
+             f"train.grad_sync must be auto, {' or '.join(GRAD_SYNCS)}, got {t.grad_sync!r}", errors)
     if t.get("cuda_graph"):
         _require(_cuda_available(), "train.cuda_graph=true needs a CUDA device (CUDA graphs); "
                  "none is available here", errors)
-        _require(world_size == 1, f"train.cuda_graph=true runs in one process only (a multi-process run "
-                 f"syncs BatchNorm inside the encoder); got {world_size} processes", errors)
+        _require(world_size == 1 or t.grad_sync != "ddp",
+                 "train.cuda_graph=true under several processes averages gradients after backward, outside "
+                 "the graph: use train.grad_sync=auto or allreduce, not ddp", errors)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from sparse_mim.engine import convert_sync_batchnorm
 
 __all__ = ["DistInfo", "env_world_size", "init_distributed", "group_store", "shutdown", "wrap_model", "unwrap",
-           "all_reduce_mean", "all_reduce_max", "all_gather_objects", "barrier"]
+           "GRAD_SYNCS", "average_gradients", "all_reduce_mean", "all_reduce_max", "all_gather_objects", "barrier"]
 
 
 @dataclass(frozen=True)
@@ -131,17 +131,58 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = True) -> nn.Module:
-    """Under DDP: BatchNorms synced across ranks (sparse ones stay sparse) and a DDP wrapper.
+#: How gradients are averaged over processes: ``ddp`` (torch's DDP wrapper, overlapping the
+#: all-reduce with backward) or ``allreduce`` (the bare model, every gradient averaged in one flat
+#: all-reduce after backward; what a CUDA-graphed encoder needs, since its backward runs as one
+#: replayed graph that DDP's per-parameter hooks cannot see into).
+GRAD_SYNCS = ("ddp", "allreduce")
+
+
+def wrap_model(model: nn.Module, info: DistInfo, sync_bn: bool = True, grad_sync: str = "ddp") -> nn.Module:
+    """Under several processes: BatchNorms synced across ranks (sparse ones stay sparse) and, with
+    ``grad_sync="ddp"``, a DDP wrapper. With ``"allreduce"`` the model stays bare, its parameters and
+    buffers are broadcast from rank 0 (as DDP does), and the caller averages the gradients with
+    ``average_gradients`` after each backward.
 
     Call before building the optimizer: SyncBN conversion creates new parameter objects. Use
     ``unwrap`` to reach the model again.
     """
+    if grad_sync not in GRAD_SYNCS:
+        raise ValueError(f"grad_sync must be one of {', '.join(GRAD_SYNCS)}, got {grad_sync!r}")
     if not info.distributed:
         return model
     if sync_bn:
         model = convert_sync_batchnorm(model)
+    if grad_sync == "allreduce":
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
+        return model
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+
+def average_gradients(params: List[torch.Tensor]) -> None:
+    """Replace each gradient by its mean over ranks: one all-reduce per dtype, outside any graph.
+
+    A parameter without a gradient on this rank counts as a zero gradient (every rank must send the
+    same tensors); it gets the mean, as under DDP. No-op in a single process."""
+    if not _distributed():
+        return
+    world = dist.get_world_size()
+    by_dtype: dict = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -50,7 +50,8 @@ def global_batch_mask(seed: int, step: int, global_batch: int, grid: Tuple[int, 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, schedule: Schedule, *,
                     info: DistInfo, epoch: int, step: int, stop_step: int, seed: int, mask_ratio: float,
                     clip_grad: Optional[float], autocast: bool, on_step: Callable[[Dict], None],
-                    stop_requested: Callable[[], bool], forward: Optional[Callable] = None) -> Tuple[int, Set[int]]:
+                    stop_requested: Callable[[], bool], forward: Optional[Callable] = None,
+                    sync_gradients: Optional[Callable[[list], None]] = None) -> Tuple[int, Set[int]]:
     """Train from global ``step`` until the loader ends, ``stop_step`` is reached or a stop is
     requested. Returns ``(step after the last update, dataset indices of the unreadable files this
     rank replaced)``.
@@ -59,7 +60,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     the batch, ``compute_s`` = the rest of the step up to the update, ``data_wait`` = the waiting
     share of the two, ``images_per_sec`` = global batch / their sum). A NaN/inf loss or gradient
     norm raises ``NonFiniteLossError`` before the update (on every rank alike). ``forward`` replaces
-    ``model(images, active)`` (e.g. ``sparse_mim.spark.graphed.GraphedSparK``).
+    ``model(images, active)`` (e.g. ``sparse_mim.spark.graphed.GraphedSparK``); ``sync_gradients``,
+    when given, averages the gradients over ranks after backward (a bare model under several
+    processes, ``distributed.average_gradients``) before they are clipped.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -85,6 +88,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if sync_gradients is not None:
+            sync_gradients(params)
         max_norm = clip_grad if clip_grad is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()
         if not math.isfinite(grad_norm):

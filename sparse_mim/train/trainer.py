@@ -32,8 +32,8 @@ from sparse_mim.convert.writers import remove_stale_temporaries
 
 from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, refresh_encoder_export,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import ConfigError, flatten, to_plain, validate_config
-from .distributed import (DistInfo, all_gather_objects, all_reduce_max, barrier, env_world_size,
+from .config import ConfigError, flatten, resolve_grad_sync, to_plain, validate_config
+from .distributed import (DistInfo, all_gather_objects, all_reduce_max, average_gradients, barrier, env_world_size,
                           init_distributed, shutdown, unwrap, wrap_model)
 from .engine import train_one_epoch
 from .init_from import init_from
@@ -173,9 +173,11 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     init_report = None
     if config.get("init_from") and resume_point is None:
         init_report = init_from(model, config["init_from"], arch)  # before DDP: every rank loads the same
-    model = wrap_model(model.to(info.device), info, sync_bn=train_cfg["sync_bn"])
+    grad_sync = resolve_grad_sync(train_cfg)
+    model = wrap_model(model.to(info.device), info, sync_bn=train_cfg["sync_bn"], grad_sync=grad_sync)
     bare = unwrap(model)
-    graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: one CUDA process
+    graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: CUDA
+    sync_gradients = average_gradients if info.distributed and grad_sync == "allreduce" else None
     optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"])
 
     loader = build_loader(dataset, train_cfg["batch_size"], info.world_size, info.rank, data_cfg["num_workers"], seed)
@@ -287,7 +289,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                     model, loader, optimizer, schedule, info=info, epoch=epoch, step=step, stop_step=total_steps,
                     seed=seed, mask_ratio=config["mask_ratio"], clip_grad=train_cfg["clip_grad"],
                     autocast=train_cfg["autocast"], on_step=on_step, stop_requested=stop_requested,
-                    forward=graphed)
+                    forward=graphed, sync_gradients=sync_gradients)
                 unreadable = sorted(set().union(*all_gather_objects(unreadable)))
                 if unreadable:
                     shown = ", ".join(dataset.name(i) for i in unreadable[:3])
