@@ -179,7 +179,7 @@ def test_resnet50_on_scattered_coordinates_native_equals_minkowski():
 
 
 def _me_input(x: torch.Tensor, active: torch.Tensor):
-    coords = active.nonzero().to(torch.int32)
+    coords = active.nonzero().to(torch.int32).contiguous()  # ME needs contiguous int32 (nonzero may not be)
     feats = x.permute(0, 2, 3, 1)[active]
     return ME.SparseTensor(feats, coordinates=coords)  # unique coordinates: ME keeps every row
 

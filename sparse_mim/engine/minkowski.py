@@ -3,8 +3,11 @@
 Every op converts our tensor to an ``ME.SparseTensor`` on one ME ``CoordinateManager`` per batch (so
 ME builds and caches its kernel maps once per batch, as it would natively), runs the ME module, and
 converts back. ME counts coordinates on the input grid (ours are divided by the stride) and orders
-rows its own way; ``_Bridge`` keeps ME's coordinate-map key of every stride and the row permutation
-between ME's rows and ours (none when they agree, as they do for patch masks).
+the rows of the coarser maps it builds (strided convs and pools) its own way; ``_Bridge`` keeps ME's
+coordinate-map key of every stride and the row permutation between ME's rows and ours (none where they
+agree, as on a map inserted from our coordinates). ME hands coordinates to its C++ side only as
+contiguous int32 tensors, and a key's ``get_key()`` is ``([strides], id)``, so maps are cached by a
+tuple of it.
 
 Weights stay in our dense layout (a checkpoint never depends on the backend): each call hands ME a
 view of them in its layout (``dense_kernel_to_me``) through ``torch.func.functional_call``, so
@@ -55,7 +58,7 @@ class _Bridge:
         return self.keys[stride]
 
     def order(self, key, stride: int):
-        name = key.get_key()
+        name = _key_name(key)
         if name not in self.orders:
             me = self.cm.get_coordinates(key).long()
             n = self.manager.num_rows(stride)
@@ -86,6 +89,12 @@ class _Bridge:
         order = self.order(key, stride)
         features = y.F if order is None else gather_rows(y.F, order[1])
         return SparseTensor(features, manager=self.manager, stride=stride)
+
+
+def _key_name(key) -> tuple:
+    """A hashable name of an ME ``CoordinateMapKey`` (``get_key()`` is ``([strides], string_id)``)."""
+    strides, string_id = key.get_key()
+    return tuple(int(s) for s in strides), str(string_id)
 
 
 def _bridge(x: SparseTensor) -> _Bridge:
