@@ -126,7 +126,8 @@ def dense_conv2d(dense, weight, bias, geom: WindowGeometry, groups):
 
 def _masked_dense(x: MaskedDenseTensor, weight, bias, geom, groups, out_stride) -> MaskedDenseTensor:
     out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
-    return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
+    # in place, as SparK's reference does: the convolution's backward does not read its output
+    return MaskedDenseTensor(out.mul_(x.manager.mask(out_stride, out.dtype)), x.manager, out_stride)
 
 
 def _pointwise(x: SparseTensor, weight, bias, geom, out_stride) -> SparseTensor:
