@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import recompute
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows, scatter_rows
@@ -62,15 +63,17 @@ class _RowBatchNorm(torch.autograd.Function):
         var = ((ones @ (x * x)).squeeze(0) / count - mean * mean).clamp_min(0)
         invstd = torch.rsqrt(var + eps)
         scale = weight * invstd
-        out = torch.addcmul(bias - mean * scale, x, scale)
+        shift = bias - mean * scale
+        out = affine_rows(x, scale, shift)
         if index is not None:
             out = out.new_zeros(n_rows, out.shape[1]).index_copy_(0, index, out)
         ctx.save_for_backward(x, weight, mean, invstd, index)
         ctx.n_rows = n_rows
-        return out, mean, var
+        ctx.mark_non_differentiable(scale, shift)
+        return out, mean, var, scale, shift
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var):
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_scale, _grad_shift):
         x, weight, mean, invstd, index = ctx.saved_tensors
         if index is not None:
             grad = grad.index_select(0, index)
@@ -85,6 +88,11 @@ class _RowBatchNorm(torch.autograd.Function):
         if index is not None:
             dx = dx.new_zeros(ctx.n_rows, dx.shape[1]).index_copy_(0, index, dx)
         return dx, sum_dy_xhat, sum_dy, None, None
+
+
+def affine_rows(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` per channel: the normalisation itself (also rebuilt in backward)."""
+    return torch.addcmul(shift, x, scale)
 
 
 def _rows(x: SiteTensor):
@@ -113,9 +121,11 @@ def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = 
                 and not GATHER_MASKED_ROWS:
             factor, _ = _momentum_and_mode(bn)
             rows, index, back = view
-            out, mean, var = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
+            out, mean, var, scale, shift = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
             count = rows.shape[0] if index is None else index.shape[0]
             _update_running(bn, mean, var, count, factor)
+            if index is None:  # the rows are an exact function of the saved input (see engine.recompute)
+                recompute.register(out, affine_rows, rows, scale, shift)
             return back(out)
         if isinstance(x, SparseTensor):
             return x.replace(_native_rows(x.features, bn))
