@@ -10,7 +10,11 @@ The hooks replace autograd's own version check of saved tensors, so they do it t
 (or a recipe's input) modified in place after it was saved raises the same RuntimeError autograd
 raises. ``saving()`` steps aside (saves everything as usual) when other saved-tensor hooks are active
 (activation checkpointing, offloading), so it never overrides them. ``ENABLED = False`` switches the
-whole mechanism off.
+whole mechanism off. Rebuilt tensors carry no autograd history: a double backward
+(``create_graph=True``) through the sparse encoder needs ``ENABLED = False``.
+
+Registered today: the rows of the CPU row BatchNorm (``ops.norm``) and a ReLU applied to them
+(``SparseTensor.apply``); other tensors are saved as usual.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["gather_rows", "scatter_add_rows", "scatter_rows"]
+__all__ = ["gather_rows", "gather_distinct_rows", "scatter_add_rows", "scatter_rows"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -52,6 +52,28 @@ class _ScatterRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
         return grad.index_select(0, index), None, None
+
+
+class _GatherDistinctRows(torch.autograd.Function):
+    """``src[index]`` for an index without repeats: the backward writes (no accumulation needed)."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.n_rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n_rows, grad.shape[1]).index_copy_(0, index, grad), None
+
+
+def gather_distinct_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``src[index]`` for (N, C) rows and an ``index`` without repeats (e.g. the active sites)."""
+    if src.requires_grad and torch.is_grad_enabled():
+        return _GatherDistinctRows.apply(src, index)
+    return src.index_select(0, index)
 
 
 def scatter_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:

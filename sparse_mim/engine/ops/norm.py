@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .. import recompute
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows, scatter_rows
+from .gather import gather_distinct_rows, gather_rows, scatter_rows
 from .sample import per_sample_sum
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "sync_batch_norm_dense"]
@@ -131,7 +131,7 @@ def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = 
             return x.replace(_native_rows(x.features, bn))
         if view and (f.is_cuda or GATHER_MASKED_ROWS):  # SparK's approach: BatchNorm1d on gathered rows
             rows, index, back = view
-            active = _native_rows(gather_rows(rows, index), bn)
+            active = _native_rows(gather_distinct_rows(rows, index), bn)
             return back(scatter_rows(active, index, rows.shape[0]))
     return _batch_norm_from_moments(x, bn, group)
 
@@ -221,7 +221,7 @@ def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
     b, c, h, w = x.dense_features.shape
     rows = x.dense_features.permute(0, 2, 3, 1).reshape(-1, c)
     index = x.manager.dense_site_index(x.stride)
-    out = F.layer_norm(gather_rows(rows, index), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    out = F.layer_norm(gather_distinct_rows(rows, index), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
     return x.replace(scatter_rows(out, index, rows.shape[0]).view(b, h, w, c).permute(0, 3, 1, 2))
 
 
