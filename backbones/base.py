@@ -1,11 +1,13 @@
 """What every sparse backbone shares: turning (images, patch mask) into the engine's input tensor."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
 import torch.nn as nn
 
+from sparse_mim.engine import recompute
 from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size, use_backend
 
 __all__ = ["SparseBackbone"]
@@ -49,7 +51,9 @@ class SparseBackbone(nn.Module):
     def forward(self, images: torch.Tensor, active: Optional[torch.Tensor] = None,
                 dense_reference: bool = False):
         x = self.make_input(images, active, dense_reference)
-        with use_backend(self.backend):
+        # the sparse encoder rebuilds BatchNorm -> ReLU outputs in backward instead of keeping them
+        saving = contextlib.nullcontext() if dense_reference else recompute.saving()
+        with use_backend(self.backend), saving:
             return self.forward_features(x)
 
     def forward_features(self, x):

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Input-pipeline throughput (sparse-mim bench what=loader) on imagenette-128 and on 224-px JPEG
 # re-encodes of it made on the fly in a temporary folder (the first 100 images of each class,
-# upscaled to a 224-px short side, JPEG quality 90). Usage: benchmarks/run_loader.sh [DATA] [OUT]
+# upscaled to a 224-px short side, JPEG quality 90).
+# Usage: benchmarks/run_loader.sh [DATA] [OUT] [bench overrides, e.g. repeats=5 loader_workers=[0,1,2]]
 set -euo pipefail
 DATA=${1:-../shared/datasets/imagenette-128/train}
 OUT=${2:-bench_out/loader}
+shift $(( $# < 2 ? $# : 2 ))
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 uptime
@@ -24,6 +26,6 @@ PY
 for size_data in "128:$DATA" "224:$TMP/train"; do
   size=${size_data%%:*}; data=${size_data#*:}
   nice -n 10 python -m sparse_mim bench what=loader data_path="$data" img_size=$size batch_size=32 \
-      loader_workers=[0,2] loader_batches=4 repeats=2 output_dir="$OUT/$size"
+      loader_workers=[0,2] loader_batches=4 repeats=2 "$@" output_dir="$OUT/$size"
 done
 uptime

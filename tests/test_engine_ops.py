@@ -340,3 +340,54 @@ def test_group_norm_is_per_sample_over_active_sites(groups):
     assert_close(gn(pair(x, manager, 4)[0]).dense(), torch.nn.functional.group_norm(x, groups, gn.weight, gn.bias, gn.eps),
                  1e-10, "all visible")
     assert out.num_channels == 6
+
+
+@pytest.mark.parametrize("path", ("tiles", "gather"))
+def test_recomputed_batch_norm_relu_equals_saved_and_masked_dense(path):
+    # conv -> BN -> ReLU -> conv with the BN -> ReLU output rebuilt in backward (engine.recompute):
+    # bitwise the gradients of the run that saves it, and equal to the masked-dense reference
+    from sparse_mim.engine import recompute
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(SparseConv2d(4, 6, 3, padding=1, bias=False), SparseBatchNorm2d(6),
+                              SparseReLU(inplace=True), SparseConv2d(6, 5, 3, padding=1, bias=False)).to(DT)
+    mask = patch_mask("random", 2, (2, 3))
+    manager = PatchCoordinateManager(mask, 32)
+    x = torch.randn(2, 4, *manager.spatial_shape(8), dtype=DT, requires_grad=True)
+    params = [x] + list(net.parameters())
+    grads = []
+    for enabled in (True, False):
+        sparse, _ = pair(x, manager, 8)
+        with execution(path), recompute.saving() if enabled else torch.enable_grad():
+            out = net(sparse)
+        assert recompute.recording() is False
+        grads.append(torch.autograd.grad((out.features * out.features).sum(), params))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    compare(net, 4, 8, mask, path)
+
+
+def test_recompute_hooks_still_catch_in_place_modification():
+    from sparse_mim.engine import recompute
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    with recompute.saving():
+        y = w * 2
+        z = y.sin()
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        z.sum().backward()
+
+
+def test_masked_dense_batch_norm_saves_only_the_active_rows():
+    # SparK's reference: BatchNorm1d on x[active]; the dense map is not kept for backward
+    mask = patch_mask("random", 2, (2, 3))
+    manager = PatchCoordinateManager(mask, 32)
+    x = torch.randn(2, 8, *manager.spatial_shape(4), dtype=DT).to(memory_format=torch.channels_last)
+    saved = []
+    def pack(t):
+        saved.append(t.numel())
+        return t
+    ref = MaskedDenseTensor(x.requires_grad_() * manager.mask(4, DT), manager, 4)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        SparseBatchNorm2d(8).to(DT)(ref)
+    active = manager.num_rows(4) * 8
+    assert max(saved) == active

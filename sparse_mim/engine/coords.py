@@ -107,6 +107,11 @@ class CoordinateManager:
             return (c[:, 0] * h + c[:, 1]) * w + c[:, 2]
         return self.cached(("flat", stride), build)
 
+    def dense_site_index(self, stride: int) -> torch.Tensor:
+        """(N,) int64 flat grid index of every active site in ascending (dense, row-major) order: the
+        masked-dense reference gathers and scatters its active rows with it (sequential access)."""
+        return self.cached(("flat_sorted", stride), lambda: self.flat_site_index(stride).sort().values)
+
     def neighbor_map(self, stride: int, kernel: Tuple[int, int], dilation: Tuple[int, int],
                      conv_stride: int, pad_lo: Tuple[int, int]) -> torch.Tensor:
         """(N_out, K) int64 kernel map: input row read by each output row through each offset, or -1.

@@ -67,15 +67,16 @@ def _is_inplace(func) -> bool:
 
 
 def _sites_of(args) -> list:
-    found = []
-
-    def visit(a):
+    """Every SiteTensor in ``args`` (nested lists / tuples), in order. Iterative on purpose: a recursive
+    closure is a reference cycle (function <-> cell) that would keep the found tensors, whole feature
+    maps, alive until Python's cycle collector runs (measured: 130-200 MB on a ResNet-50 forward)."""
+    found, stack = [], [args]
+    while stack:
+        a = stack.pop()
         if isinstance(a, SiteTensor):
             found.append(a)
         elif isinstance(a, (list, tuple)):
-            for b in a:
-                visit(b)
-    visit(args)
+            stack.extend(reversed(a))
     return found
 
 

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
-import torch
+import functools
 
+import torch
+import torch.nn.functional as F
+
+from . import recompute
 from .ops.gather import gather_rows
 from .coords import CoordinateManager, PatchCoordinateManager, SiteCoordinateManager, SparseInputError
 
@@ -217,6 +221,12 @@ class SparseTensor(SiteTensor):
 
     # -- elementwise -------------------------------------------------------------------------------
     def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "SparseTensor":
+        if fn in _RELU and recompute.recording():
+            found = recompute.recipe_of(self.features)
+            if found is not None:  # ReLU of a BatchNorm: both rebuilt in backward from the norm's input
+                y = _ReLUOfRecipe.apply(self.features)
+                recompute.register(y, functools.partial(_relu_after, found[0]), *found[1])
+                return self.replace(y)
         return self.replace(fn(self.features))
 
     def scale_channels(self, gamma: torch.Tensor) -> "SparseTensor":
@@ -226,6 +236,28 @@ class SparseTensor(SiteTensor):
         return (f"SparseTensor(rows={self.features.shape[0]}, channels={self.features.shape[1]}, "
                 f"stride={self.stride}, spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
                 f"dtype={self.features.dtype}, device={self.features.device})")
+
+
+_RELU = (torch.relu, torch.relu_, F.relu, F.relu_)
+
+
+def _relu_after(fn, *args):
+    return F.relu(fn(*args))
+
+
+class _ReLUOfRecipe(torch.autograd.Function):
+    """ReLU that saves its input (a registered recipe, so saved as that) instead of its output; the
+    gradient is torch's own ``threshold_backward``."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return F.relu(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, z, 0)
 
 
 class MaskedDenseTensor(SiteTensor):

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import scatter_add_rows
-from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, padded_tiles, tile_index,
-                     tile_rows)
+from .gather import _gather, scatter_add_rows
+from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, neighbor_index, padded_tiles,
+                     tile_index, tile_rows)
 
 __all__ = ["conv2d", "dense_conv2d"]
 
@@ -40,9 +40,47 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         rows = canvas_rows(dense, x, out_stride)
     elif path == "implicit_gemm" and (groups == 1 or groups == x.num_channels == weight.shape[0]):
         rows = _implicit_gemm(x, weight, bias, geom, groups)
+    elif groups == 1 and not torch.is_autocast_enabled(x.features.device.type):
+        rows = _GatherConv.apply(x.features, weight, bias, neighbor_index(x, geom))
     else:
         rows = _gather_conv(gather_neighbors(x, geom), weight, bias, groups)
     return SparseTensor(rows, manager=x.manager, stride=out_stride)
+
+
+class _GatherConv(torch.autograd.Function):
+    """Gather-GEMM convolution that saves the input rows and the kernel map, not the (N_out, K * C_in)
+    neighbourhood matrix (K = 9 times the rows for a 3x3 kernel) nor a reordered copy of the weight:
+    the backward gathers the neighbourhoods again (one copy), as ``_TileConv`` does with its tiles."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, nbr):
+        n, k = nbr.shape
+        c_out = weight.shape[0]
+        neigh = _gather(features, nbr.reshape(-1), 0.0).view(n, -1)
+        out = neigh @ weight.permute(2, 3, 1, 0).reshape(-1, c_out)
+        if bias is not None:
+            out += bias
+        ctx.save_for_backward(features, weight, nbr)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, weight, nbr = ctx.saved_tensors
+        n, k = nbr.shape
+        c_out, c_in, kh, kw = weight.shape
+        g_features = g_w = g_b = None
+        if ctx.needs_input_grad[1]:
+            neigh = _gather(features, nbr.reshape(-1), 0.0).view(n, -1)
+            g_w = (neigh.t() @ grad).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
+            del neigh
+        if ctx.needs_input_grad[0]:
+            g_neigh = grad @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)   # (N_out, K * C_in), (ky, kx, c)
+            g_features = scatter_add_rows(g_neigh.view(n * k, c_in), nbr.reshape(-1), features.shape[0] + 1)
+            g_features = g_features[:-1]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_b = grad.sum(0)
+        return g_features, g_w, g_b, None
 
 
 class _TileConv(torch.autograd.Function):
@@ -126,7 +164,8 @@ def dense_conv2d(dense, weight, bias, geom: WindowGeometry, groups):
 
 def _masked_dense(x: MaskedDenseTensor, weight, bias, geom, groups, out_stride) -> MaskedDenseTensor:
     out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
-    return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
+    # in place, as SparK's reference does: the convolution's backward does not read its output
+    return MaskedDenseTensor(out.mul_(x.manager.mask(out_stride, out.dtype)), x.manager, out_stride)
 
 
 def _pointwise(x: SparseTensor, weight, bias, geom, out_stride) -> SparseTensor:

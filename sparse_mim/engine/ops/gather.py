@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["gather_rows", "scatter_add_rows"]
+__all__ = ["gather_rows", "gather_distinct_rows", "scatter_add_rows", "scatter_rows"]
 
 
 class _GatherRows(torch.autograd.Function):
@@ -37,6 +37,50 @@ def scatter_add_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> to
     if rows.is_cuda:
         return out.index_add_(0, index, rows)
     return out.index_put_((index,), rows, accumulate=True)
+
+
+class _ScatterRows(torch.autograd.Function):
+    """Rows written into a zero (n_rows, C) tensor; the backward gathers, so only the index is saved
+    (``Tensor.index_copy`` keeps its whole ``source`` for backward)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, n_rows: int):
+        ctx.save_for_backward(index)
+        return rows.new_zeros(n_rows, rows.shape[1]).index_copy_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+class _GatherDistinctRows(torch.autograd.Function):
+    """``src[index]`` for an index without repeats: the backward writes (no accumulation needed)."""
+
+    @staticmethod
+    def forward(ctx, src: torch.Tensor, index: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.n_rows = src.shape[0]
+        return src.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.n_rows, grad.shape[1]).index_copy_(0, index, grad), None
+
+
+def gather_distinct_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``src[index]`` for (N, C) rows and an ``index`` without repeats (e.g. the active sites)."""
+    if src.requires_grad and torch.is_grad_enabled():
+        return _GatherDistinctRows.apply(src, index)
+    return src.index_select(0, index)
+
+
+def scatter_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """(n_rows, C) zeros with ``rows[i]`` at row ``index[i]`` (distinct indices): the inverse of a gather."""
+    if rows.requires_grad and torch.is_grad_enabled():
+        return _ScatterRows.apply(rows, index, n_rows)
+    return rows.new_zeros(n_rows, rows.shape[1]).index_copy_(0, index, rows)
 
 
 def gather_rows(src: torch.Tensor, index: torch.Tensor, fill: Optional[float] = None) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 BatchNorm statistics (batch mean / variance and the running estimates) are those of BatchNorm1d over
 the ``N_active x C`` rows; masked sites never enter them. A masked-dense map in channels_last memory
-*is* a set of rows (``B*H*W x C``, zero at masked sites), so both containers share one row kernel and
-differ only by the active count and an output mask. LayerNorm normalises each active site's channels.
+*is* a set of rows (``B*H*W x C``, zero at masked sites), so both containers share one row kernel; the
+masked-dense one gathers the active rows first and writes its result back into zeros, as SparK's
+reference does (``x[active]`` -> BatchNorm1d), so it keeps only the active rows for backward.
+LayerNorm normalises each active site's channels (the masked-dense reference also on gathered rows).
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import recompute
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows
+from .gather import gather_distinct_rows, gather_rows, scatter_rows
 from .sample import per_sample_sum
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "sync_batch_norm_dense"]
@@ -43,55 +46,66 @@ def _sync_group(bn):
 
 
 class _RowBatchNorm(torch.autograd.Function):
-    """Training-mode BatchNorm of (N, C) rows, of which ``count`` are active (the rest are zero rows
-    whose outputs are masked). Column sums are GEMMs with a ones vector: on CPU ``F.batch_norm`` on
-    2-D input reduces each channel in a strided loop and is several times slower."""
+    """Training-mode BatchNorm of (N, C) rows. With ``index`` (the masked-dense baseline) only the rows
+    ``index`` names are active: they are gathered, normalised and written back into zeros, and only
+    they are saved for backward (SparK's BatchNorm1d on ``x[active]``; the other rows are zero and
+    their outputs and gradients are zero). Column sums are GEMMs with a ones vector: on CPU
+    ``F.batch_norm`` on 2-D input reduces each channel in a strided loop and is several times slower."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, count, row_mask):
-        ones = x.new_ones(1, x.shape[0])
+    def forward(ctx, x, weight, bias, eps, index):
+        n_rows = x.shape[0]
+        if index is not None:
+            x = x.index_select(0, index)
+        count = x.shape[0]
+        ones = x.new_ones(1, count)
         mean = (ones @ x).squeeze(0) / count
         var = ((ones @ (x * x)).squeeze(0) / count - mean * mean).clamp_min(0)
         invstd = torch.rsqrt(var + eps)
         scale = weight * invstd
-        out = torch.addcmul(bias - mean * scale, x, scale)
-        if row_mask is not None:
-            out = out * row_mask
-        ctx.save_for_backward(x, weight, mean, invstd, row_mask)
-        ctx.count = count
-        return out, mean, var
+        shift = bias - mean * scale
+        out = affine_rows(x, scale, shift)
+        if index is not None:
+            out = out.new_zeros(n_rows, out.shape[1]).index_copy_(0, index, out)
+        ctx.save_for_backward(x, weight, mean, invstd, index)
+        ctx.n_rows = n_rows
+        ctx.mark_non_differentiable(scale, shift)
+        return out, mean, var, scale, shift
 
     @staticmethod
-    def backward(ctx, grad, _grad_mean, _grad_var):
-        x, weight, mean, invstd, row_mask = ctx.saved_tensors
-        n = ctx.count
-        if row_mask is not None:
-            grad = grad * row_mask
-        ones = grad.new_ones(1, grad.shape[0])
+    def backward(ctx, grad, _grad_mean, _grad_var, _grad_scale, _grad_shift):
+        x, weight, mean, invstd, index = ctx.saved_tensors
+        if index is not None:
+            grad = grad.index_select(0, index)
+        n = x.shape[0]
+        ones = grad.new_ones(1, n)
         sum_dy = (ones @ grad).squeeze(0)
         sum_dy_xhat = invstd * ((ones @ (grad * x)).squeeze(0) - mean * sum_dy)  # = d weight
         k1 = weight * invstd
         k2 = -k1 * invstd * sum_dy_xhat / n
         k3 = -k1 * sum_dy / n - k2 * mean
         dx = torch.addcmul(torch.addcmul(k3, x, k2), grad, k1)
-        if row_mask is not None:
-            dx = dx * row_mask
-        return dx, sum_dy_xhat, sum_dy, None, None, None
+        if index is not None:
+            dx = dx.new_zeros(ctx.n_rows, dx.shape[1]).index_copy_(0, index, dx)
+        return dx, sum_dy_xhat, sum_dy, None, None
+
+
+def affine_rows(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` per channel: the normalisation itself (also rebuilt in backward)."""
+    return torch.addcmul(shift, x, scale)
 
 
 def _rows(x: SiteTensor):
-    """(rows (N, C), active count, row mask or None, back) when ``x`` can be seen as rows, else None."""
+    """(rows (N, C), active row index or None (all rows active), back) when ``x`` can be seen as rows
+    without a copy, else None. A masked-dense map in channels_last memory is ``B*H*W`` rows."""
     if isinstance(x, SparseTensor):
-        f = x.features
-        return f, f.shape[0], None, x.replace
+        return x.features, None, x.replace
     d = x.dense_features
     if not d.is_contiguous(memory_format=torch.channels_last):
         return None
     b, c, h, w = d.shape
     rows = d.permute(0, 2, 3, 1).reshape(-1, c)
-    mask = x.mask().permute(0, 2, 3, 1).reshape(-1, 1)
-    count = x.manager.num_rows(x.stride)  # cached per batch: one host sync per stride, not per layer
-    return rows, count, mask, lambda r: x.replace(r.view(b, h, w, c).permute(0, 3, 1, 2))
+    return rows, x.manager.dense_site_index(x.stride), lambda r: x.replace(r.view(b, h, w, c).permute(0, 3, 1, 2))
 
 
 def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
@@ -106,17 +120,19 @@ def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = 
         if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) \
                 and not GATHER_MASKED_ROWS:
             factor, _ = _momentum_and_mode(bn)
-            rows, count, mask, back = view
-            out, mean, var = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, count, mask)
+            rows, index, back = view
+            out, mean, var, scale, shift = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
+            count = rows.shape[0] if index is None else index.shape[0]
             _update_running(bn, mean, var, count, factor)
+            if index is None:  # the rows are an exact function of the saved input (see engine.recompute)
+                recompute.register(out, affine_rows, rows, scale, shift)
             return back(out)
         if isinstance(x, SparseTensor):
             return x.replace(_native_rows(x.features, bn))
         if view and (f.is_cuda or GATHER_MASKED_ROWS):  # SparK's approach: BatchNorm1d on gathered rows
-            rows, count, mask, back = view
-            flat = x.manager.flat_site_index(x.stride)
-            active = _native_rows(gather_rows(rows, flat), bn)
-            return back(rows.new_zeros(rows.shape[0], active.shape[1], dtype=active.dtype).index_copy(0, flat, active))
+            rows, index, back = view
+            active = _native_rows(gather_distinct_rows(rows, index), bn)
+            return back(scatter_rows(active, index, rows.shape[0]))
     return _batch_norm_from_moments(x, bn, group)
 
 
@@ -200,9 +216,13 @@ def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
         return minkowski.layer_norm(x, ln)
     if isinstance(x, SparseTensor):
         return x.replace(F.layer_norm(x.features, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
-    d = x.dense_features.permute(0, 2, 3, 1)
-    out = F.layer_norm(d, ln.normalized_shape, ln.weight, ln.bias, ln.eps).permute(0, 3, 1, 2)
-    return x.masked(out)
+    # SparK's reference: LayerNorm of the gathered active rows, written back into zeros; only those
+    # rows (and the index) are kept for backward, not the whole map.
+    b, c, h, w = x.dense_features.shape
+    rows = x.dense_features.permute(0, 2, 3, 1).reshape(-1, c)
+    index = x.manager.dense_site_index(x.stride)
+    out = F.layer_norm(gather_distinct_rows(rows, index), ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    return x.replace(scatter_rows(out, index, rows.shape[0]).view(b, h, w, c).permute(0, 3, 1, 2))
 
 
 def group_norm(x: SiteTensor, num_groups: int, weight, bias, eps: float) -> SiteTensor:

@@ -29,11 +29,41 @@ def _padded(dense: torch.Tensor, geom: WindowGeometry, value: float) -> torch.Te
         if dense.is_contiguous(memory_format=torch.channels_last) else out
 
 
+class _MaxPool(torch.autograd.Function):
+    """``F.max_pool2d`` that keeps only the argmax indices for backward, not its input (torch's own
+    backward keeps both); the gradient is scattered to the argmax sites exactly as torch's is."""
+
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation):
+        out, index = F.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.channels_last = x.shape, x.is_contiguous(memory_format=torch.channels_last) \
+            and not x.is_contiguous()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        b, c, h, w = ctx.shape
+        if ctx.channels_last:  # scatter along the sites of each (sample, channel) in NHWC memory
+            g = grad.new_zeros(b, h * w, c).scatter_add_(1, index.permute(0, 2, 3, 1).reshape(b, -1, c),
+                                                         grad.permute(0, 2, 3, 1).reshape(b, -1, c))
+            return g.view(b, h, w, c).permute(0, 3, 1, 2), None, None, None, None
+        g = grad.new_zeros(b, c, h * w).scatter_add_(2, index.reshape(b, c, -1), grad.reshape(b, c, -1))
+        return g.view(b, c, h, w), None, None, None, None
+
+
+def _max_pool(x: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    if x.requires_grad and torch.is_grad_enabled() and x.dim() == 4:
+        return _MaxPool.apply(x, kernel, stride, padding, dilation)
+    return F.max_pool2d(x, kernel, stride, padding, dilation)
+
+
 def _dense_max_pool(dense: torch.Tensor, geom: WindowGeometry) -> torch.Tensor:
     """Max pool with -inf padding (max_pool2d's own padding is -inf when it is symmetric)."""
     if geom.pad_lo == geom.pad_hi and all(2 * p <= k for p, k in zip(geom.pad_lo, geom.kernel)):
-        return F.max_pool2d(dense, geom.kernel, geom.stride, geom.pad_lo, geom.dilation)
-    return F.max_pool2d(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
+        return _max_pool(dense, geom.kernel, geom.stride, geom.pad_lo, geom.dilation)
+    return _max_pool(_padded(dense, geom, float("-inf")), geom.kernel, geom.stride, 0, geom.dilation)
 
 
 def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None) -> SiteTensor:
@@ -45,7 +75,7 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None)
         filled = x.dense_features.masked_fill(~active, float("-inf"))
         out = _dense_max_pool(filled, geom) if border is None else _bordered_max_pool(filled, geom, border)
         out_active = x.manager.active_mask(out_stride)[:, None]
-        return MaskedDenseTensor(torch.where(out_active, out, torch.zeros_like(out)), x.manager, out_stride)
+        return MaskedDenseTensor(out.masked_fill_(~out_active, 0.0), x.manager, out_stride)
     if current_backend() == "minkowski" and border is None:
         from .. import minkowski
         return minkowski.max_pool2d(x, geom)
@@ -55,7 +85,7 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None)
         rows = canvas_rows(_bordered_max_pool(dense, geom, border), x, out_stride)
     elif path == "tiles":
         tiles = gather_tiles(x, geom, fill=float("-inf"))
-        out = F.max_pool2d(tiles, geom.kernel, geom.stride, 0, geom.dilation)
+        out = _max_pool(tiles, geom.kernel, geom.stride, 0, geom.dilation)
         rows = tile_rows(out, x.manager.tile_side(out_stride))
     elif path == "canvas":
         dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
@@ -67,7 +97,7 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None)
 
 
 def _bordered_max_pool(dense: torch.Tensor, geom: WindowGeometry, border: float) -> torch.Tensor:
-    return F.max_pool2d(_padded(dense, geom, border), geom.kernel, geom.stride, 0, geom.dilation)
+    return _max_pool(_padded(dense, geom, border), geom.kernel, geom.stride, 0, geom.dilation)
 
 
 def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:

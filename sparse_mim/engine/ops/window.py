@@ -146,11 +146,16 @@ def tile_rows(out: torch.Tensor, t_out: int) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).reshape(-1, out.shape[1])
 
 
-def gather_neighbors(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> torch.Tensor:
-    """(N_out, K, C) neighbourhood of every output row (``fill`` where inactive or outside)."""
+def neighbor_index(x: SparseTensor, geom: WindowGeometry) -> torch.Tensor:
+    """(N_out, K) input row of every output row and offset; ``N`` (the fill row) where inactive. Cached."""
     m = x.manager
     nbr = m.neighbor_map(x.stride, geom.kernel, geom.dilation, geom.stride, geom.pad_lo)
-    nbr = _with_sentinel(m, ("nbr", x.stride, geom), nbr, x.features.shape[0])
+    return _with_sentinel(m, ("nbr", x.stride, geom), nbr, x.features.shape[0])
+
+
+def gather_neighbors(x: SparseTensor, geom: WindowGeometry, fill: float = 0.0) -> torch.Tensor:
+    """(N_out, K, C) neighbourhood of every output row (``fill`` where inactive or outside)."""
+    nbr = neighbor_index(x, geom)
     k = nbr.shape[1]
     return gather_rows(x.features, nbr.reshape(-1), fill).view(-1, k, x.features.shape[1])
 
