@@ -377,6 +377,19 @@ def test_recompute_hooks_still_catch_in_place_modification():
         z.sum().backward()
 
 
+def test_recompute_hooks_refuse_a_double_backward_instead_of_a_wrong_one():
+    from sparse_mim.engine import recompute
+    w = torch.randn(3, dtype=DT, requires_grad=True)
+    with recompute.saving():
+        z = (w * w).sin().sum()
+    with pytest.raises(RuntimeError, match="recompute.ENABLED = False"):
+        torch.autograd.grad(z, w, create_graph=True)
+    with recompute.saving():
+        z = (w * w).sin().sum()
+    (g,) = torch.autograd.grad(z, w)          # a plain backward is unaffected
+    assert torch.allclose(g, 2 * w * torch.cos(w * w))
+
+
 def test_masked_dense_batch_norm_saves_only_the_active_rows():
     # SparK's reference: BatchNorm1d on x[active]; the dense map is not kept for backward
     mask = patch_mask("random", 2, (2, 3))

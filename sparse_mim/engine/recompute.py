@@ -10,8 +10,8 @@ The hooks replace autograd's own version check of saved tensors, so they do it t
 (or a recipe's input) modified in place after it was saved raises the same RuntimeError autograd
 raises. ``saving()`` steps aside (saves everything as usual) when other saved-tensor hooks are active
 (activation checkpointing, offloading), so it never overrides them. ``ENABLED = False`` switches the
-whole mechanism off. Rebuilt tensors carry no autograd history: a double backward
-(``create_graph=True``) through the sparse encoder needs ``ENABLED = False``.
+whole mechanism off. Saved tensors carry no autograd history: a double backward
+(``create_graph=True``) through the sparse encoder raises, asking for ``ENABLED = False``.
 
 Registered today: the rows of the CPU row BatchNorm (``ops.norm``) and a ReLU applied to them
 (``SparseTensor.apply``); other tensors are saved as usual.
@@ -77,7 +77,15 @@ def _pack(t: torch.Tensor):
     return t.detach(), t._version   # detached: a saved output would otherwise be a reference cycle
 
 
+def _double_backward() -> RuntimeError:
+    return RuntimeError("a double backward (create_graph=True) through the sparse encoder needs its saved "
+                        "activations' history: set sparse_mim.engine.recompute.ENABLED = False before the "
+                        "forward")
+
+
 def _unpack(packed):
+    if torch.is_grad_enabled():  # backward runs in grad mode only with create_graph=True
+        raise _double_backward()
     if isinstance(packed, _Recipe):
         if any(a._version != v for a, v in packed.args):
             raise _modified()
