@@ -404,3 +404,30 @@ def test_masked_dense_batch_norm_saves_only_the_active_rows():
         SparseBatchNorm2d(8).to(DT)(ref)
     active = manager.num_rows(4) * 8
     assert max(saved) == active
+
+
+def test_masked_dense_depthwise_conv_plain_weight_grad_path_equals_conv2d():
+    """ConvNeXt's last-stage depthwise conv (channels_last, float32, map small against the kernel)
+    takes the path that computes its weight / bias gradients in NCHW; values and gradients as the
+    plain masked-dense convolution's."""
+    import torch.nn.functional as F
+
+    from sparse_mim.engine.ops import conv as conv_ops
+    torch.manual_seed(0)
+    c = 64
+    active = torch.rand(2, 7, 7) > 0.4
+    x = torch.randn(2, c, 7, 7).contiguous(memory_format=torch.channels_last)
+    mdt = MaskedDenseTensor.from_dense(x, active)
+    w = torch.randn(c, 1, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    b = torch.randn(c, requires_grad=True)
+    inp = mdt.dense_features.detach().requires_grad_()
+    geom = WindowGeometry.make(7, 1, 3)
+    assert conv_ops._plain_weight_grad(inp, w, geom, c)
+    out = conv_ops._masked_dense(mdt.replace(inp), w, b, geom, c, 1).dense_features
+    ref = F.conv2d(inp, w, b, 1, 3, 1, c) * mdt.mask()
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (inp, w, b), g)
+    want = torch.autograd.grad(ref, (inp, w, b), g)
+    assert_close(out, ref, tol=1e-5)
+    for a, e in zip(got, want):
+        assert_close(a, e, tol=1e-5)

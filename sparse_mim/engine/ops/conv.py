@@ -162,8 +162,71 @@ def dense_conv2d(dense, weight, bias, geom: WindowGeometry, groups):
     return F.conv2d(dense, weight, bias, geom.stride, geom.pad_lo, geom.dilation, groups)
 
 
+class _DepthwiseConvPlainWeightGrad(torch.autograd.Function):
+    """A dense depthwise convolution of a channels_last map whose weight and bias gradients are
+    computed from contiguous (NCHW) copies of the input, the output gradient and the weight; forward
+    and input gradient as ``F.conv2d``'s. For channels_last input, oneDNN (v3.12 in torch 2.14, CPU)
+    computes a depthwise weight gradient with its general grouped kernel in the padded
+    ``aBCde16c16b`` weight format: every group's 1x1 channel pair padded to 16x16, a transient 256
+    times the weight gradient (36.75 MB for ConvNeXt-T's last stage, 768 x 7 x 7), then reordered to
+    plain; the bias gradient alone runs that primitive too. From NCHW it runs a GEMM without it. The
+    input gradient (oneDNN's depthwise kernel, no such transient) stays channels_last. Saves what
+    ``F.conv2d`` saves (the input and the weight)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups, bias is not None)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        conv_bwd = torch.ops.aten.convolution_backward
+        g_x = g_w = g_b = None
+        if need_x:
+            g_x = conv_bwd(grad, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                           [True, False, False])[0]
+        need_b = need_b and has_bias
+        if need_w or need_b:
+            # the weight's strides too: a channels_last (C, 1, k, k) weight is also "contiguous" (its
+            # size-1 dim's stride is ignored) but would select the channels_last kernel
+            plain = weight.clone(memory_format=torch.contiguous_format)
+            _, g_w, g_b = conv_bwd(grad.contiguous(), x.contiguous(), plain,
+                                   [weight.shape[0]] if need_b else None, stride, padding, dilation, False,
+                                   [0, 0], groups, [False, need_w, need_b])
+        return g_x, g_w, g_b, None, None, None, None
+
+
+#: A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
+#: weight gradient (``groups * 256 * kh * kw`` elements) exceeds this many times the input map: there
+#: the two copies are far smaller than that transient, and the NCHW GEMM is also faster (measured,
+#: weight gradient alone, 2 threads: 8 x 768 x 7 x 7, ratio 32, 30-37 ms against 39-42). Below, the
+#: padded kernel is the faster one (8 x 384 x 14 x 14, ratio 8: 40-63 ms against 16-21;
+#: 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms). 0 disables it.
+PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO = 16
+
+
+def _plain_weight_grad(dense: torch.Tensor, weight: torch.Tensor, geom: WindowGeometry, groups: int) -> bool:
+    ratio = PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO
+    if not ratio or dense.device.type != "cpu" or dense.dtype != torch.float32 or not torch.is_grad_enabled() \
+            or torch.is_autocast_enabled("cpu") or not weight.requires_grad \
+            or groups == 1 or groups != dense.shape[1] or weight.shape[0] != groups or geom.pad_lo != geom.pad_hi \
+            or not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled) \
+            or dense.is_contiguous() or not dense.is_contiguous(memory_format=torch.channels_last):
+        return False
+    padded = groups * 256 * weight.shape[2] * weight.shape[3]
+    return padded > ratio * dense.numel()
+
+
 def _masked_dense(x: MaskedDenseTensor, weight, bias, geom, groups, out_stride) -> MaskedDenseTensor:
-    out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
+    if _plain_weight_grad(x.dense_features, weight, geom, groups):
+        out = _DepthwiseConvPlainWeightGrad.apply(x.dense_features, weight, bias, [geom.stride] * 2,
+                                                  list(geom.pad_lo), list(geom.dilation), groups)
+    else:
+        out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
     # in place, as SparK's reference does: the convolution's backward does not read its output
     return MaskedDenseTensor(out.mul_(x.manager.mask(out_stride, out.dtype)), x.manager, out_stride)
 
