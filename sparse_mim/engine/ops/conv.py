@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import _gather, scatter_add_rows
+from .gather import gather_rows, scatter_add_rows
 from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, neighbor_index, padded_tiles,
                      tile_index, tile_rows)
 
@@ -56,7 +56,7 @@ class _GatherConv(torch.autograd.Function):
     def forward(ctx, features, weight, bias, nbr):
         n, k = nbr.shape
         c_out = weight.shape[0]
-        neigh = _gather(features, nbr.reshape(-1), 0.0).view(n, -1)
+        neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
         out = neigh @ weight.permute(2, 3, 1, 0).reshape(-1, c_out)
         if bias is not None:
             out += bias
@@ -71,7 +71,7 @@ class _GatherConv(torch.autograd.Function):
         c_out, c_in, kh, kw = weight.shape
         g_features = g_w = g_b = None
         if ctx.needs_input_grad[1]:
-            neigh = _gather(features, nbr.reshape(-1), 0.0).view(n, -1)
+            neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
             g_w = (neigh.t() @ grad).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
             del neigh
         if ctx.needs_input_grad[0]:

@@ -46,7 +46,7 @@ class _ScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, index: torch.Tensor, n_rows: int):
         ctx.save_for_backward(index)
-        return rows.new_zeros(n_rows, rows.shape[1]).index_copy_(0, index, rows)
+        return _zeros_with_rows(rows, index, n_rows)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -66,7 +66,7 @@ class _GatherDistinctRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.n_rows, grad.shape[1]).index_copy_(0, index, grad), None
+        return _zeros_with_rows(grad, index, ctx.n_rows), None
 
 
 def gather_distinct_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -80,6 +80,10 @@ def scatter_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.
     """(n_rows, C) zeros with ``rows[i]`` at row ``index[i]`` (distinct indices): the inverse of a gather."""
     if rows.requires_grad and torch.is_grad_enabled():
         return _ScatterRows.apply(rows, index, n_rows)
+    return _zeros_with_rows(rows, index, n_rows)
+
+
+def _zeros_with_rows(rows: torch.Tensor, index: torch.Tensor, n_rows: int) -> torch.Tensor:
     return rows.new_zeros(n_rows, rows.shape[1]).index_copy_(0, index, rows)
 
 

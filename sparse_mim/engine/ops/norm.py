@@ -66,7 +66,7 @@ class _RowBatchNorm(torch.autograd.Function):
         shift = bias - mean * scale
         out = affine_rows(x, scale, shift)
         if index is not None:
-            out = out.new_zeros(n_rows, out.shape[1]).index_copy_(0, index, out)
+            out = scatter_rows(out, index, n_rows)
         ctx.save_for_backward(x, weight, mean, invstd, index)
         ctx.n_rows = n_rows
         ctx.mark_non_differentiable(scale, shift)
@@ -86,7 +86,7 @@ class _RowBatchNorm(torch.autograd.Function):
         k3 = -k1 * sum_dy / n - k2 * mean
         dx = torch.addcmul(torch.addcmul(k3, x, k2), grad, k1)
         if index is not None:
-            dx = dx.new_zeros(ctx.n_rows, dx.shape[1]).index_copy_(0, index, dx)
+            dx = scatter_rows(dx, index, ctx.n_rows)
         return dx, sum_dy_xhat, sum_dy, None, None
 
 
