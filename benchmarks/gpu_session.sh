@@ -3,7 +3,9 @@
 #   OUT=/some/folder bash benchmarks/gpu_session.sh                 # every step
 #   STEPS="graphcheck sweep graph fp32" OUT=... bash benchmarks/gpu_session.sh
 # Steps: equivalence (eager rules + CUDA graph, fp32), graphcheck (CUDA graph only), sweep (execution
-# rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor.
+# rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor,
+# scale (issue 12: the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
+# graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min).
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).
 # Every step has its own time limit and writes into $OUT as it goes, so a cut-off run still reports.
 set -uo pipefail
@@ -58,4 +60,10 @@ fi
 if want floor; then
     echo "== plain dense timm ResNet-50"
     timeout 30 python benchmarks/dense_floor.py --model resnet50 --batch 128 --dtype bfloat16
+fi
+if want scale; then
+    echo "== data.decode=gpu: CUDA crops vs CPU crops"
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tee "$OUT/gpu_decode.txt" | tail -3
+    echo "== pretraining: eager vs CUDA graph vs CUDA graph under torchrun (resnet50, bf16, batch 128, 224 px)"
+    timeout 420 python benchmarks/graph_vs_eager.py "$OUT/scale" --limit 130 2>&1 | tee "$OUT/scale.txt"
 fi

@@ -26,6 +26,6 @@ PY
 for size_data in "128:$DATA" "224:$TMP/train"; do
   size=${size_data%%:*}; data=${size_data#*:}
   nice -n 10 python -m sparse_mim bench what=loader data_path="$data" img_size=$size batch_size=32 \
-      loader_workers=[0,2] loader_batches=4 repeats=2 "$@" output_dir="$OUT/$size"
+      "loader_workers=[0,1,2]" loader_batches=8 repeats=6 "$@" output_dir="$OUT/$size"
 done
 uptime

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sparse_mim.data import (DataError, DemoImages, ImageFolder, PretrainTransform, build_dataset, build_loader,
                              find_images, per_rank_batch, set_epoch)
-from sparse_mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from sparse_mim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalized_tensor
 
 
 def _transform():
@@ -104,6 +104,37 @@ def test_transform_gives_normalised_square_crops():
     assert out.shape == (3, 64, 64) and out.dtype == torch.float32
     expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip((124, 116, 104), IMAGENET_MEAN, IMAGENET_STD)])
     assert torch.allclose(out.mean((1, 2)), expected, atol=1e-2)
+
+
+def _noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    pixels = torch.randint(0, 256, (height, width, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+def test_fast_normalisation_equals_torchvision_to_tensor_then_normalize():
+    import torchvision.transforms.functional as TF
+
+    image = _noise_image(37, 23)  # odd, non-square: a transposition error would show
+    expected = TF.normalize(TF.to_tensor(image), IMAGENET_MEAN, IMAGENET_STD)
+    out = normalized_tensor(image)
+    assert out.shape == expected.shape == (3, 23, 37) and out.dtype == torch.float32 and out.is_contiguous()
+    assert (out - expected).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_transform_equals_torchvision_resized_crop_flip_and_normalize_for_the_same_draws(seed):
+    """Same box and flip draw -> the same pixels as torchvision's ops (so only the draws are ours)."""
+    import torchvision.transforms.functional as TF
+
+    image, t = _noise_image(90, 61, seed), PretrainTransform(48)
+    out = t(image, torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    top, left, h, w = t.crop_box(90, 61, g)
+    ref = TF.resized_crop(image, top, left, h, w, [48, 48], interpolation=TF.InterpolationMode.BICUBIC)
+    if torch.rand((), generator=g).item() < t.hflip:
+        ref = TF.hflip(ref)
+    ref = TF.normalize(TF.to_tensor(ref), IMAGENET_MEAN, IMAGENET_STD)
+    assert (out - ref).abs().max() < 1e-6
 
 
 def test_random_resized_crop_covers_67_to_100_percent_with_aspect_ratio_three_quarters_to_four_thirds():

@@ -5,8 +5,10 @@ RandomResizedCrop(0.67-1, bicubic) + flip + normalise with per-image seeds, coll
 resumable sampler). The baseline is plain torchvision doing the same augmentation:
 ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``
 with the default PIL loader and a plain shuffled ``DataLoader``. Both run in one process,
-interleaved (ours, baseline, ours, ...) per worker count; each timing skips the first batch
-(worker start-up) and reports the median over repeats.
+interleaved per worker count, and the order alternates between repeats (ours first, then the baseline
+first, ...): whichever loader runs second in a pair was measured up to 10% faster on a quiet machine, so a
+fixed order would favour one side. Each timing skips the first batch (worker start-up); the table
+reports the median over repeats (use an even number).
 """
 from __future__ import annotations
 
@@ -68,8 +70,9 @@ def loader_rows(path: str, img_size: int, batch: int, workers: Sequence[int], ba
                                  f"{batches + 1}; lower loader_batches or batch_size")
         speeds: Dict[str, List[float]] = {name: [] for name in loaders}
         for r in range(repeats):
-            for name, loader in loaders.items():
-                speeds[name].append(_images_per_second(loader, batches))
+            order = list(loaders) if r % 2 == 0 else list(reversed(loaders))
+            for name in order:
+                speeds[name].append(_images_per_second(loaders[name], batches))
             log(f"  workers={w} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{n} {s[-1]:.0f} img/s" for n, s in speeds.items()))
         median = {name: statistics.median(s) for name, s in speeds.items()}

@@ -123,11 +123,20 @@ class ImageFolder(AugmentedImages):
         return f"{len(self.files)} images under {self.root}"
 
 
-def build_dataset(path: Optional[str], transform: Callable, seed: int = 0) -> AugmentedImages:
-    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None."""
+def build_dataset(path: Optional[str], transform: Callable, seed: int = 0, decode: str = "pil"):
+    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None; with ``decode="gpu"``
+    wrapped in ``EncodedImages`` (decoding and augmentation happen when the batch moves to the GPU)."""
     if path is None:
         from .demo import DemoImages
 
-        return DemoImages(transform, seed)
-    return ImageFolder(path, transform, seed)
+        images = DemoImages(transform, seed)
+    else:
+        images = ImageFolder(path, transform, seed)
+    if decode == "pil":
+        return images
+    from .gpu_decode import DECODERS, EncodedImages
+
+    if decode not in DECODERS:
+        raise ValueError(f"data.decode must be {' or '.join(DECODERS)}, got {decode!r}")
+    return EncodedImages(images, transform)
 

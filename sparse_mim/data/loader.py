@@ -53,6 +53,8 @@ def build_loader(dataset: AugmentedImages, global_batch: int, world_size: int = 
     check_batch_fits(dataset, global_batch)
     sampler = ResumableSampler(dataset, world_size, rank, seed)
     return DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers, drop_last=True,
+                      # data.decode=gpu's dataset brings its own (its items are still encoded)
+                      collate_fn=getattr(dataset, "collate_fn", None),
                       # workers start afresh each epoch so they see the dataset's new epoch (its seeds)
                       pin_memory=torch.cuda.is_available(), persistent_workers=False,
                       # the loader's base seed comes from here, never from torch's global RNG

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from sparse_mim.data.gpu_decode import DECODERS
+
 from .distributed import GRAD_SYNCS
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
@@ -117,6 +119,12 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
              f"train.save_every_minutes must be null or a number > 0, got {t.save_every_minutes!r}", errors)
     _require(is_int(t.keep_checkpoints) and t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be an integer >= 1, got {t.keep_checkpoints!r}", errors)
+    decode = cfg.data.get("decode", "pil")
+    if decode not in DECODERS:
+        errors.append(f"data.decode must be {' or '.join(DECODERS)}, got {decode!r}")
+    elif decode == "gpu" and not _cuda_available():
+        errors.append("data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device; none is available here: "
+                      "use data.decode=pil")
     wait = cfg.data.wait_warning
     _require(wait is None or (_is_number(wait) and 0 < wait < 1),
              f"data.wait_warning must be null or a share in (0, 1), e.g. 0.2, got {wait!r}", errors)

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 
 from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build_transform, check_batch_fits,
                              set_epoch)
@@ -112,10 +113,12 @@ def _resume(point: ResumePoint, model: torch.nn.Module, optimizer: torch.optim.O
     return step
 
 
-def _visual_batch(dataset: AugmentedImages, count: int) -> torch.Tensor:
+def _visual_batch(dataset: AugmentedImages, count: int, device: torch.device) -> torch.Tensor:
     count = max(1, min(count, len(dataset)))
     indices = np.linspace(0, len(dataset) - 1, count).round().astype(int)
-    return torch.stack([dataset[int(i)][0] for i in indices])
+    collate = getattr(dataset, "collate_fn", None) or default_collate  # as the loader batches them
+    images, _ = collate([dataset[int(i)] for i in indices])
+    return images.to(device)
 
 
 @torch.no_grad()
@@ -139,7 +142,8 @@ def pretrain(cfg: DictConfig) -> PretrainResult:
     config = to_plain(cfg)
     _check_output_dir(Path(config["output_dir"]).expanduser())
     data_cfg, train_cfg = config["data"], config["train"]
-    dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"]), seed=train_cfg["seed"])
+    dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"]), seed=train_cfg["seed"],
+                            decode=data_cfg["decode"])
     check_batch_fits(dataset, train_cfg["batch_size"])
     info = init_distributed()
     try:
@@ -223,7 +227,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                       description=f"pretrain {arch}")
     for note in notes:
         monitor.message(note)
-    visual = _visual_batch(dataset, train_cfg["vis_images"]).to(info.device) if info.is_main else None
+    visual = _visual_batch(dataset, train_cfg["vis_images"], info.device) if info.is_main else None
 
     keep = train_cfg["keep_checkpoints"]
     schedule_saves = SaveSchedule(train_cfg["save_every_steps"], train_cfg["save_every_minutes"])

@@ -1,0 +1,183 @@
+"""``data.decode=gpu``: JPEG decoding and SparK's augmentation on the GPU instead of in loader workers.
+
+At 224 px, decoding and the bicubic resize are ~60% of a loader worker's time per image (see
+benchmarks/RESULTS.md, "Input pipeline"). With this option a worker only reads the file's bytes and
+draws the crop box and flip from the image's seed (the same draws, from the same seed, as
+``PretrainTransform``); ``EncodedBatch.to(device)`` then decodes the batch with nvJPEG (one batched
+``torchvision.io.decode_jpeg`` call) and crops, resizes (bicubic, antialiased), flips and normalises
+on the GPU. Files that are not baseline JPEGs (PNG, CMYK JPEGs, the in-memory demo images) are
+decoded in the worker instead and take the same tensor path from there.
+
+The crops are close to PIL's but not bit-equal: on the CPU this tensor path (torchvision's
+libjpeg-turbo decoder, torch's antialiased bicubic) is within 2 grey levels of the PIL pipeline
+(mean 0.003 levels over 20 crops of 224 px), and nvJPEG may differ from libjpeg-turbo by a level or
+two more; a run therefore changes slightly when it switches between ``pil`` and ``gpu``. On one
+device the result depends only on the seed, like the PIL path. The tensor path runs
+on any device (the tests run it on the CPU); ``torchvision.io.decode_jpeg`` is deprecated since
+torchvision 0.29 in favour of TorchCodec and is used here until the torch pin moves.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
+
+from .datasets import MAX_CONSECUTIVE_UNREADABLE, AugmentedImages, DataError, sample_seed
+from .transforms import _INV_STD_255, _MEAN_255, PretrainTransform
+
+__all__ = ["DECODERS", "EncodedItem", "EncodedBatch", "EncodedImages", "EncodedCollate"]
+
+#: ``data.decode`` choices: ``pil`` (decode + augment in the loader workers) or ``gpu`` (this module).
+DECODERS = ("pil", "gpu")
+
+
+@dataclass
+class EncodedItem:
+    """One image as a worker hands it over: JPEG bytes (``encoded``) or a decoded (3, H, W) uint8
+    tensor, with its crop box ``(top, left, h, w)``, its flip and the file's name for error messages."""
+
+    data: torch.Tensor
+    encoded: bool
+    box: Tuple[int, int, int, int]
+    flip: bool
+    name: str
+
+
+def _is_baseline_jpeg(image: Image.Image) -> bool:
+    return image.format == "JPEG" and image.mode in ("RGB", "L")
+
+
+class EncodedImages(Dataset):
+    """``base`` (any ``AugmentedImages``) with decoding and augmentation left to ``EncodedBatch.to``.
+
+    Item ``i`` is ``(EncodedItem, -1)``, or ``(EncodedItem of the next readable image, i)`` when file
+    ``i`` cannot be opened, as in ``AugmentedImages``. Only the header is parsed here, so a file whose
+    header reads but whose data is broken fails later, at decoding, with its name.
+    """
+
+    def __init__(self, base: AugmentedImages, transform: PretrainTransform):
+        self.base, self.transform = base, transform
+        self.collate_fn = EncodedCollate(transform.img_size)  # build_loader uses a dataset's collate_fn
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def describe(self) -> str:
+        return self.base.describe() + " (decoded on the GPU)"
+
+    def name(self, index: int) -> str:
+        return self.base.name(index)
+
+    def _item(self, index: int, generator: torch.Generator) -> EncodedItem:
+        path = getattr(self.base, "path", None)
+        if path is not None:
+            raw = path(index).read_bytes()
+            with Image.open(io.BytesIO(raw)) as header:
+                header.size  # noqa: B018 -- parsing the header is the check that the file is an image
+                if _is_baseline_jpeg(header):
+                    box = self.transform.crop_box(*header.size, generator)
+                    flip = torch.rand((), generator=generator).item() < self.transform.hflip
+                    return EncodedItem(torch.frombuffer(bytearray(raw), dtype=torch.uint8), True, box, flip,
+                                       self.base.name(index))
+                image = header.convert("RGB")
+        else:
+            image = self.base.load(index).convert("RGB")
+        box = self.transform.crop_box(*image.size, generator)
+        flip = torch.rand((), generator=generator).item() < self.transform.hflip
+        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        return EncodedItem(chw, False, box, flip, self.base.name(index))
+
+    def __getitem__(self, index: int) -> Tuple[EncodedItem, int]:
+        base = self.base
+        generator = torch.Generator().manual_seed(sample_seed(base.seed, base.epoch, index))
+        n = len(self)
+        for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
+            try:
+                item = self._item((index + skipped) % n, generator)
+            except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+                continue
+            return item, (index if skipped else -1)
+        raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
+                        f"could not be read ({base.describe()}); check the files")
+
+
+class EncodedBatch:
+    """A batch of ``EncodedItem``; ``.to(device)`` returns the normalised (B, 3, S, S) float32 batch.
+
+    The trainer moves its batch with ``images.to(device, non_blocking=True)``, so a loader of
+    ``EncodedImages`` drops in for the PIL one without a change to the training step; the decoding
+    time then counts as compute in the data-wait figures, since it runs on the GPU.
+    """
+
+    def __init__(self, items: Sequence[EncodedItem], img_size: int):
+        self.items, self.img_size = list(items), int(img_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def shape(self) -> Tuple[int, int, int, int]:
+        return (len(self.items), 3, self.img_size, self.img_size)
+
+    def pin_memory(self) -> "EncodedBatch":
+        for item in self.items:
+            item.data = item.data.pin_memory()
+        return self
+
+    def _decode(self, device: torch.device) -> List[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        images: List[Optional[torch.Tensor]] = [None] * len(self.items)
+        jpegs = [i for i, item in enumerate(self.items) if item.encoded]
+        if jpegs:
+            data = [self.items[i].data for i in jpegs]
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # find the file that broke the batch and name it
+                decoded = []
+                for i, raw in zip(jpegs, data):
+                    try:
+                        decoded.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+                    except RuntimeError as error:
+                        raise DataError(f"could not decode {self.items[i].name} with data.decode=gpu "
+                                        f"({str(error).splitlines()[0]}); fix or remove the file, or use "
+                                        f"data.decode=pil, which skips unreadable files") from None
+            for i, image in zip(jpegs, decoded):
+                images[i] = image
+        for i, item in enumerate(self.items):
+            if not item.encoded:
+                images[i] = item.data.to(device, non_blocking=True)
+        return images
+
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:  # noqa: ARG002 -- Tensor.to's signature
+        import torchvision.transforms.v2.functional as F
+
+        device = torch.device(device)
+        size = [self.img_size, self.img_size]
+        crops = []
+        for item, image in zip(self.items, self._decode(device)):
+            top, left, h, w = item.box
+            crop = F.resized_crop(image, top, left, h, w, size, interpolation=F.InterpolationMode.BICUBIC,
+                                  antialias=True)
+            crops.append(crop.flip(-1) if item.flip else crop)
+        batch = torch.stack(crops).float()
+        return batch.sub_(_MEAN_255.to(device)).mul_(_INV_STD_255.to(device))
+
+
+class EncodedCollate:
+    """``DataLoader`` collate: ``[(EncodedItem, bad), ...]`` -> ``(EncodedBatch, bad indices)``."""
+
+    def __init__(self, img_size: int):
+        self.img_size = int(img_size)
+
+    def __call__(self, batch: Sequence[Tuple[EncodedItem, int]]) -> Tuple[EncodedBatch, torch.Tensor]:
+        items, bad = zip(*batch)
+        return EncodedBatch(items, self.img_size), default_collate(list(bad))
