@@ -63,7 +63,7 @@ if want floor; then
 fi
 if want scale; then
     echo "== data.decode=gpu: CUDA crops vs CPU crops"
-    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_gpu_decode.py 2>&1 | tee "$OUT/gpu_decode.txt" | tail -3
+    timeout 120 python -m pytest -q -p no:cacheprovider tests/test_tensor_decode.py 2>&1 | tee "$OUT/gpu_decode.txt" | tail -3
     echo "== pretraining: eager vs CUDA graph vs CUDA graph under torchrun (resnet50, bf16, batch 128, 224 px)"
     timeout 420 python benchmarks/graph_vs_eager.py "$OUT/scale" --limit 130 2>&1 | tee "$OUT/scale.txt"
 fi

@@ -2,13 +2,13 @@
 
 Ours is exactly what ``sparse-mim pretrain`` runs: ``sparse_mim.data`` (PIL decode, SparK's
 RandomResizedCrop(0.67-1, bicubic) + flip + normalise with per-image seeds, collation, the
-resumable sampler). The baseline is plain torchvision doing the same augmentation:
+resumable sampler), with the default ``data.decode=pil`` and with ``data.decode=tensor``. The baseline is plain torchvision doing the same augmentation:
 ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``
 with the default PIL loader and a plain shuffled ``DataLoader``. Both run in one process,
-interleaved per worker count, and the order alternates between repeats (ours first, then the baseline
-first, ...): whichever loader runs second in a pair was measured up to 10% faster on a quiet machine, so a
-fixed order would favour one side. Each timing skips the first batch (worker start-up); the table
-reports the median over repeats (use an even number).
+interleaved per worker count, and the order rotates between repeats (each loader first, then second,
+...): a loader that runs after another was measured up to 10% faster on a quiet machine, so a fixed
+order would favour one side. Each timing skips the first batch (worker start-up); the table reports
+the median over repeats (use a multiple of 3).
 """
 from __future__ import annotations
 
@@ -21,13 +21,19 @@ from torch.utils.data import DataLoader
 
 __all__ = ["LOADERS", "loader_rows", "format_loader_table"]
 
-LOADERS = ("sparse-mim", "torchvision")
+LOADERS = ("sparse-mim", "sparse-mim tensor", "torchvision")
+#: the loader the ratios divide by
+BASELINE = "torchvision"
 
 
-def _ours(path: str, img_size: int, batch: int, workers: int) -> DataLoader:
+def _ours(path: str, img_size: int, batch: int, workers: int, decode: str = "pil") -> DataLoader:
     from sparse_mim.data import build_dataset, build_loader, build_transform
 
-    return build_loader(build_dataset(path, build_transform(img_size)), batch, num_workers=workers)
+    return build_loader(build_dataset(path, build_transform(img_size), decode=decode), batch, num_workers=workers)
+
+
+def _ours_tensor(path: str, img_size: int, batch: int, workers: int) -> DataLoader:
+    return _ours(path, img_size, batch, workers, decode="tensor")
 
 
 def _torchvision(path: str, img_size: int, batch: int, workers: int) -> DataLoader:
@@ -44,7 +50,8 @@ def _torchvision(path: str, img_size: int, batch: int, workers: int) -> DataLoad
                       num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-_BUILDERS: Dict[str, Callable[..., DataLoader]] = {"sparse-mim": _ours, "torchvision": _torchvision}
+_BUILDERS: Dict[str, Callable[..., DataLoader]] = {"sparse-mim": _ours, "sparse-mim tensor": _ours_tensor,
+                                                   "torchvision": _torchvision}
 
 
 def _images_per_second(loader: DataLoader, batches: int) -> float:
@@ -69,22 +76,27 @@ def loader_rows(path: str, img_size: int, batch: int, workers: Sequence[int], ba
                 raise ValueError(f"{path}: {len(loader)} batches of {batch}, need loader_batches + 1 = "
                                  f"{batches + 1}; lower loader_batches or batch_size")
         speeds: Dict[str, List[float]] = {name: [] for name in loaders}
+        names = list(loaders)
         for r in range(repeats):
-            order = list(loaders) if r % 2 == 0 else list(reversed(loaders))
-            for name in order:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 speeds[name].append(_images_per_second(loaders[name], batches))
             log(f"  workers={w} repeat {r + 1}/{repeats}: "
                 + ", ".join(f"{n} {s[-1]:.0f} img/s" for n, s in speeds.items()))
         median = {name: statistics.median(s) for name, s in speeds.items()}
         rows.append({"workers": w, "images_per_sec": median, "all": speeds,
-                     "ratio": median["sparse-mim"] / median["torchvision"]})
+                     "ratio": {name: median[name] / median[BASELINE] for name in names if name != BASELINE}})
     return rows
 
 
 def format_loader_table(rows: List[Dict[str, Any]], path: str, img_size: int, batch: int) -> str:
-    lines = [f"Loader throughput, {path}, {img_size} px crops, batch {batch} (median images/s, interleaved)", "",
-             "| workers | sparse-mim | torchvision baseline | ratio |", "|---:|---:|---:|---:|"]
+    ours = [name for name in LOADERS if name != BASELINE]
+    lines = [f"Loader throughput, {path}, {img_size} px crops, batch {batch} (median images/s, interleaved; "
+             f"sparse-mim = data.decode=pil, sparse-mim tensor = data.decode=tensor)", "",
+             "| workers | " + " | ".join(ours) + " | torchvision baseline | "
+             + " | ".join(f"{name} / baseline" for name in ours) + " |",
+             "|---:|" + "---:|" * (2 * len(ours) + 1)]
     for row in rows:
         s = row["images_per_sec"]
-        lines.append(f"| {row['workers']} | {s['sparse-mim']:.0f} | {s['torchvision']:.0f} | {row['ratio']:.2f}x |")
+        lines.append(f"| {row['workers']} | " + " | ".join(f"{s[n]:.0f}" for n in ours) + f" | {s[BASELINE]:.0f} | "
+                     + " | ".join(f"{row['ratio'][n]:.2f}x" for n in ours) + " |")
     return "\n".join(lines) + "\n"

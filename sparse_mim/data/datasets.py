@@ -124,8 +124,9 @@ class ImageFolder(AugmentedImages):
 
 
 def build_dataset(path: Optional[str], transform: Callable, seed: int = 0, decode: str = "pil"):
-    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None; with ``decode="gpu"``
-    wrapped in ``EncodedImages`` (decoding and augmentation happen when the batch moves to the GPU)."""
+    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None; decoded with PIL
+    (``decode="pil"``) or through ``tensor_decode`` (``"tensor"``: in the workers, ``"gpu"``: when the
+    batch moves to the GPU)."""
     if path is None:
         from .demo import DemoImages
 
@@ -134,9 +135,9 @@ def build_dataset(path: Optional[str], transform: Callable, seed: int = 0, decod
         images = ImageFolder(path, transform, seed)
     if decode == "pil":
         return images
-    from .gpu_decode import DECODERS, EncodedImages
+    from .tensor_decode import DECODERS, EncodedImages, TensorDecodedImages
 
     if decode not in DECODERS:
-        raise ValueError(f"data.decode must be {' or '.join(DECODERS)}, got {decode!r}")
-    return EncodedImages(images, transform)
+        raise ValueError(f"data.decode must be one of {', '.join(DECODERS)}, got {decode!r}")
+    return (TensorDecodedImages if decode == "tensor" else EncodedImages)(images, transform)
 

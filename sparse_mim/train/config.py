@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
-from sparse_mim.data.gpu_decode import DECODERS
+from sparse_mim.data.tensor_decode import DECODERS
 
 from .distributed import GRAD_SYNCS
 
@@ -121,10 +121,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
              f"train.keep_checkpoints must be an integer >= 1, got {t.keep_checkpoints!r}", errors)
     decode = cfg.data.get("decode", "pil")
     if decode not in DECODERS:
-        errors.append(f"data.decode must be {' or '.join(DECODERS)}, got {decode!r}")
+        errors.append(f"data.decode must be one of {', '.join(DECODERS)}, got {decode!r}")
     elif decode == "gpu" and not _cuda_available():
         errors.append("data.decode=gpu decodes JPEGs with nvJPEG on a CUDA device; none is available here: "
-                      "use data.decode=pil")
+                      "use data.decode=tensor (the same decoding in the loader workers) or pil")
     wait = cfg.data.wait_warning
     _require(wait is None or (_is_number(wait) and 0 < wait < 1),
              f"data.wait_warning must be null or a share in (0, 1), e.g. 0.2, got {wait!r}", errors)

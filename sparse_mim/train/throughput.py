@@ -36,4 +36,5 @@ class DataWaitWatch:
         self.windows_since_warning = 0
         return (f"input pipeline: {100 * share:.0f}% of the last {steps} steps' time was spent waiting for data "
                 f"(warning above {100 * self.threshold:.0f}%, data.wait_warning); the GPU/CPU is starved: raise "
-                f"data.num_workers, put the images on a faster disk, or see `sparse-mim bench what=loader`")
+                f"data.num_workers, try data.decode=tensor (or gpu on CUDA), put the images on a faster disk, or "
+                f"see `sparse-mim bench what=loader`")

@@ -1,20 +1,26 @@
-"""``data.decode=gpu``: JPEG decoding and SparK's augmentation on the GPU instead of in loader workers.
+"""``data.decode=tensor|gpu``: decoding with ``torchvision.io.decode_jpeg`` and SparK's augmentation
+as tensor ops (antialiased bicubic ``resized_crop``), in the loader workers or on the GPU.
 
-At 224 px, decoding and the bicubic resize are ~60% of a loader worker's time per image (see
-benchmarks/RESULTS.md, "Input pipeline"). With this option a worker only reads the file's bytes and
-draws the crop box and flip from the image's seed (the same draws, from the same seed, as
-``PretrainTransform``); ``EncodedBatch.to(device)`` then decodes the batch with nvJPEG (one batched
-``torchvision.io.decode_jpeg`` call) and crops, resizes (bicubic, antialiased), flips and normalises
-on the GPU. Files that are not baseline JPEGs (PNG, CMYK JPEGs, the in-memory demo images) are
-decoded in the worker instead and take the same tensor path from there.
+A worker reads the file's bytes and draws the crop box and flip from the image's seed (the same draws,
+from the same seed, as ``PretrainTransform``). Then:
 
-The crops are close to PIL's but not bit-equal: on the CPU this tensor path (torchvision's
-libjpeg-turbo decoder, torch's antialiased bicubic) is within 2 grey levels of the PIL pipeline
-(mean 0.003 levels over 20 crops of 224 px), and nvJPEG may differ from libjpeg-turbo by a level or
-two more; a run therefore changes slightly when it switches between ``pil`` and ``gpu``. On one
-device the result depends only on the seed, like the PIL path. The tensor path runs
-on any device (the tests run it on the CPU); ``torchvision.io.decode_jpeg`` is deprecated since
-torchvision 0.29 in favour of TorchCodec and is used here until the torch pin moves.
+- ``tensor``: the worker decodes (libjpeg-turbo) and augments on its CPU: measured ~2x the PIL path per
+  224-px image (benchmarks/RESULTS.md, "Input pipeline"), because torch's uint8 bicubic resize is
+  faster than PIL's;
+- ``gpu``: the worker hands over the bytes; ``EncodedBatch.to(device)`` decodes the batch with nvJPEG
+  (one batched ``decode_jpeg`` call) and crops, resizes, flips and normalises on the GPU, for
+  machines whose CPUs cannot feed their GPUs.
+
+Files that are not whole baseline JPEGs (PNG, CMYK JPEGs, files cut short, the in-memory demo images)
+are decoded with PIL in the worker and take the same tensor path from there; PIL refuses a cut file,
+so it is skipped and reported like any unreadable one.
+
+The crops are close to PIL's but not bit-equal: on the CPU the tensor path is within 2 grey levels
+of the PIL pipeline (mean 0.003 levels over 20 crops of 224 px), and nvJPEG may differ from
+libjpeg-turbo by a level or two more; a run therefore changes slightly when it switches decoders.
+For one decoder and device the result depends only on the seed, like the PIL path.
+``torchvision.io.decode_jpeg`` is deprecated since torchvision 0.29 in favour of TorchCodec and is
+used here until the torch pin moves.
 """
 from __future__ import annotations
 
@@ -30,10 +36,11 @@ from torch.utils.data import Dataset, default_collate
 from .datasets import MAX_CONSECUTIVE_UNREADABLE, AugmentedImages, DataError, sample_seed
 from .transforms import _INV_STD_255, _MEAN_255, PretrainTransform
 
-__all__ = ["DECODERS", "EncodedItem", "EncodedBatch", "EncodedImages", "EncodedCollate"]
+__all__ = ["DECODERS", "EncodedItem", "EncodedBatch", "EncodedImages", "EncodedCollate", "TensorDecodedImages"]
 
-#: ``data.decode`` choices: ``pil`` (decode + augment in the loader workers) or ``gpu`` (this module).
-DECODERS = ("pil", "gpu")
+#: ``data.decode`` choices: ``pil`` (PIL decode + augment in the workers), ``tensor`` (this module, in
+#: the workers) or ``gpu`` (this module, on the device).
+DECODERS = ("pil", "tensor", "gpu")
 
 
 @dataclass
@@ -48,8 +55,34 @@ class EncodedItem:
     name: str
 
 
-def _is_baseline_jpeg(image: Image.Image) -> bool:
-    return image.format == "JPEG" and image.mode in ("RGB", "L")
+def _is_whole_baseline_jpeg(image: Image.Image, raw: bytes) -> bool:
+    """A JPEG decode_jpeg reads in full. A file cut short lacks the end-of-image marker: libjpeg-turbo
+    would fill the missing rows with grey without an error, PIL refuses it, so it goes to PIL."""
+    return image.format == "JPEG" and image.mode in ("RGB", "L") and raw.rstrip(b"\x00")[-2:] == b"\xff\xd9"
+
+
+def _decode_one(item: EncodedItem, device: torch.device) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    if not item.encoded:
+        return item.data.to(device, non_blocking=True)
+    return decode_jpeg(item.data, mode=ImageReadMode.RGB, device=device)
+
+
+def _crop(image: torch.Tensor, item: EncodedItem, img_size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> the item's crop, resized to (3, img_size, img_size) uint8 and flipped if drawn."""
+    import torchvision.transforms.v2.functional as F
+
+    top, left, h, w = item.box
+    crop = F.resized_crop(image, top, left, h, w, [img_size, img_size],
+                          interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+    return crop.flip(-1) if item.flip else crop
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, S, S) -> ImageNet-normalised float32, as ``normalize(to_tensor(...))``."""
+    out = images.float()
+    return out.sub_(_MEAN_255.to(out.device)).mul_(_INV_STD_255.to(out.device))
 
 
 class EncodedImages(Dataset):
@@ -71,7 +104,7 @@ class EncodedImages(Dataset):
         self.base.set_epoch(epoch)
 
     def describe(self) -> str:
-        return self.base.describe() + " (decoded on the GPU)"
+        return self.base.describe() + " (JPEGs decoded on the GPU)"
 
     def name(self, index: int) -> str:
         return self.base.name(index)
@@ -82,7 +115,7 @@ class EncodedImages(Dataset):
             raw = path(index).read_bytes()
             with Image.open(io.BytesIO(raw)) as header:
                 header.size  # noqa: B018 -- parsing the header is the check that the file is an image
-                if _is_baseline_jpeg(header):
+                if _is_whole_baseline_jpeg(header, raw):
                     box = self.transform.crop_box(*header.size, generator)
                     flip = torch.rand((), generator=generator).item() < self.transform.hflip
                     return EncodedItem(torch.frombuffer(bytearray(raw), dtype=torch.uint8), True, box, flip,
@@ -138,38 +171,28 @@ class EncodedBatch:
         images: List[Optional[torch.Tensor]] = [None] * len(self.items)
         jpegs = [i for i, item in enumerate(self.items) if item.encoded]
         if jpegs:
-            data = [self.items[i].data for i in jpegs]
-            try:
-                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+            try:  # one batched call: what nvJPEG is fast at
+                decoded = decode_jpeg([self.items[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
             except RuntimeError:  # find the file that broke the batch and name it
                 decoded = []
-                for i, raw in zip(jpegs, data):
+                for i in jpegs:
                     try:
-                        decoded.append(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+                        decoded.append(_decode_one(self.items[i], device))
                     except RuntimeError as error:
                         raise DataError(f"could not decode {self.items[i].name} with data.decode=gpu "
                                         f"({str(error).splitlines()[0]}); fix or remove the file, or use "
-                                        f"data.decode=pil, which skips unreadable files") from None
+                                        f"data.decode=pil or tensor, which skip unreadable files") from None
             for i, image in zip(jpegs, decoded):
                 images[i] = image
         for i, item in enumerate(self.items):
             if not item.encoded:
-                images[i] = item.data.to(device, non_blocking=True)
+                images[i] = _decode_one(item, device)
         return images
 
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:  # noqa: ARG002 -- Tensor.to's signature
-        import torchvision.transforms.v2.functional as F
-
         device = torch.device(device)
-        size = [self.img_size, self.img_size]
-        crops = []
-        for item, image in zip(self.items, self._decode(device)):
-            top, left, h, w = item.box
-            crop = F.resized_crop(image, top, left, h, w, size, interpolation=F.InterpolationMode.BICUBIC,
-                                  antialias=True)
-            crops.append(crop.flip(-1) if item.flip else crop)
-        batch = torch.stack(crops).float()
-        return batch.sub_(_MEAN_255.to(device)).mul_(_INV_STD_255.to(device))
+        crops = [_crop(image, item, self.img_size) for item, image in zip(self.items, self._decode(device))]
+        return _normalise(torch.stack(crops))
 
 
 class EncodedCollate:
@@ -181,3 +204,23 @@ class EncodedCollate:
     def __call__(self, batch: Sequence[Tuple[EncodedItem, int]]) -> Tuple[EncodedBatch, torch.Tensor]:
         items, bad = zip(*batch)
         return EncodedBatch(items, self.img_size), default_collate(list(bad))
+
+
+class TensorDecodedImages(EncodedImages):
+    """``data.decode=tensor``: ``EncodedImages``' decode and augmentation done in the worker, on its CPU.
+
+    Items are finished ``(3, S, S)`` float tensors, batched by the default collate like the PIL path's;
+    a file that fails to decode is replaced by the next readable one and reported, as there.
+    """
+
+    def __init__(self, base: AugmentedImages, transform: PretrainTransform):
+        super().__init__(base, transform)
+        self.collate_fn = None
+
+    def describe(self) -> str:
+        return self.base.describe()
+
+    def _item(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        item = super()._item(index, generator)
+        cpu = torch.device("cpu")
+        return _normalise(_crop(_decode_one(item, cpu), item, self.transform.img_size))
