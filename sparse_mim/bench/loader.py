@@ -2,7 +2,8 @@
 
 Ours is exactly what ``sparse-mim pretrain`` runs: ``sparse_mim.data`` (PIL decode, SparK's
 RandomResizedCrop(0.67-1, bicubic) + flip + normalise with per-image seeds, collation, the
-resumable sampler), with the default ``data.decode=pil`` and with ``data.decode=tensor``. The baseline is plain torchvision doing the same augmentation:
+resumable sampler), with the default ``data.decode=pil`` and with ``data.decode=tensor``. The
+baseline is plain torchvision doing the same augmentation:
 ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``
 with the default PIL loader and a plain shuffled ``DataLoader``. Both run in one process,
 interleaved per worker count, and the order rotates between repeats (each loader first, then second,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -32,10 +34,6 @@ def _ours(path: str, img_size: int, batch: int, workers: int, decode: str = "pil
     return build_loader(build_dataset(path, build_transform(img_size), decode=decode), batch, num_workers=workers)
 
 
-def _ours_tensor(path: str, img_size: int, batch: int, workers: int) -> DataLoader:
-    return _ours(path, img_size, batch, workers, decode="tensor")
-
-
 def _torchvision(path: str, img_size: int, batch: int, workers: int) -> DataLoader:
     from torchvision import datasets, transforms
 
@@ -50,8 +48,8 @@ def _torchvision(path: str, img_size: int, batch: int, workers: int) -> DataLoad
                       num_workers=workers, pin_memory=torch.cuda.is_available())
 
 
-_BUILDERS: Dict[str, Callable[..., DataLoader]] = {"sparse-mim": _ours, "sparse-mim tensor": _ours_tensor,
-                                                   "torchvision": _torchvision}
+_BUILDERS: Dict[str, Callable[..., DataLoader]] = {
+    "sparse-mim": _ours, "sparse-mim tensor": partial(_ours, decode="tensor"), "torchvision": _torchvision}
 
 
 def _images_per_second(loader: DataLoader, batches: int) -> float:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 __all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "build_dataset", "find_images",
-           "sample_seed"]
+           "first_readable", "sample_seed"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: How many consecutive unreadable files one item may skip before the dataset gives up.
@@ -57,6 +57,19 @@ def find_images(path: str | os.PathLike) -> Tuple[Path, List[Path]]:
     return root, files
 
 
+def first_readable(index: int, n: int, make: Callable[[int], Any], describe: Callable[[], str]) -> Tuple[Any, int]:
+    """``(make(index), -1)``, or ``(make(j), index)`` for the first later ``j`` (cyclically) that ``make``
+    does not fail on; ``DataError`` after ``MAX_CONSECUTIVE_UNREADABLE`` failures in a row."""
+    for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
+        try:
+            item = make((index + skipped) % n)
+        except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+            continue
+        return item, (index if skipped else -1)
+    raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
+                    f"could not be read ({describe()}); check the files")
+
+
 class AugmentedImages(Dataset):
     """Base class: item ``i`` is ``(transform(image i), -1)``, or ``(transform(next readable image), i)``
     when file ``i`` cannot be read.
@@ -84,16 +97,12 @@ class AugmentedImages(Dataset):
         return f"image {index}"
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
-        n = len(self)
-        for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
-            try:
-                image = self.load((index + skipped) % n)
-            except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
-                continue
-            return self.transform(image, generator), (index if skipped else -1)
-        raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
-                        f"could not be read ({self.describe()}); check the files")
+        image, unreadable = first_readable(index, len(self), self.load, self.describe)
+        return self.transform(image, self.generator(index)), unreadable
+
+    def generator(self, index: int) -> torch.Generator:
+        """The generator of item ``index``'s augmentation in the current epoch."""
+        return torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
 
 
 class ImageFolder(AugmentedImages):

@@ -33,8 +33,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .datasets import MAX_CONSECUTIVE_UNREADABLE, AugmentedImages, DataError, sample_seed
-from .transforms import _INV_STD_255, _MEAN_255, PretrainTransform
+from .datasets import AugmentedImages, DataError, first_readable
+from .transforms import PretrainTransform, normalize_uint8
 
 __all__ = ["DECODERS", "EncodedItem", "EncodedBatch", "EncodedImages", "EncodedCollate", "TensorDecodedImages"]
 
@@ -79,12 +79,6 @@ def _crop(image: torch.Tensor, item: EncodedItem, img_size: int) -> torch.Tensor
     return crop.flip(-1) if item.flip else crop
 
 
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, S, S) -> ImageNet-normalised float32, as ``normalize(to_tensor(...))``."""
-    out = images.float()
-    return out.sub_(_MEAN_255.to(out.device)).mul_(_INV_STD_255.to(out.device))
-
-
 class EncodedImages(Dataset):
     """``base`` (any ``AugmentedImages``) with decoding and augmentation left to ``EncodedBatch.to``.
 
@@ -111,35 +105,26 @@ class EncodedImages(Dataset):
 
     def _item(self, index: int, generator: torch.Generator) -> EncodedItem:
         path = getattr(self.base, "path", None)
+        encoded = False
         if path is not None:
             raw = path(index).read_bytes()
-            with Image.open(io.BytesIO(raw)) as header:
-                header.size  # noqa: B018 -- parsing the header is the check that the file is an image
-                if _is_whole_baseline_jpeg(header, raw):
-                    box = self.transform.crop_box(*header.size, generator)
-                    flip = torch.rand((), generator=generator).item() < self.transform.hflip
-                    return EncodedItem(torch.frombuffer(bytearray(raw), dtype=torch.uint8), True, box, flip,
-                                       self.base.name(index))
-                image = header.convert("RGB")
+            with Image.open(io.BytesIO(raw)) as image:  # parses the header: fails on non-images
+                encoded = _is_whole_baseline_jpeg(image, raw)
+                if encoded:
+                    data, size = torch.frombuffer(bytearray(raw), dtype=torch.uint8), image.size
+                else:
+                    image = image.convert("RGB")
         else:
             image = self.base.load(index).convert("RGB")
-        box = self.transform.crop_box(*image.size, generator)
+        if not encoded:
+            data, size = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous(), image.size
+        box = self.transform.crop_box(*size, generator)
         flip = torch.rand((), generator=generator).item() < self.transform.hflip
-        chw = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
-        return EncodedItem(chw, False, box, flip, self.base.name(index))
+        return EncodedItem(data, encoded, box, flip, self.base.name(index))
 
     def __getitem__(self, index: int) -> Tuple[EncodedItem, int]:
-        base = self.base
-        generator = torch.Generator().manual_seed(sample_seed(base.seed, base.epoch, index))
-        n = len(self)
-        for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
-            try:
-                item = self._item((index + skipped) % n, generator)
-            except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
-                continue
-            return item, (index if skipped else -1)
-        raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
-                        f"could not be read ({base.describe()}); check the files")
+        generator = self.base.generator(index)
+        return first_readable(index, len(self), lambda i: self._item(i, generator), self.describe)
 
 
 class EncodedBatch:
@@ -152,13 +137,6 @@ class EncodedBatch:
 
     def __init__(self, items: Sequence[EncodedItem], img_size: int):
         self.items, self.img_size = list(items), int(img_size)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        return (len(self.items), 3, self.img_size, self.img_size)
 
     def pin_memory(self) -> "EncodedBatch":
         for item in self.items:
@@ -192,7 +170,7 @@ class EncodedBatch:
     def to(self, device, non_blocking: bool = False) -> torch.Tensor:  # noqa: ARG002 -- Tensor.to's signature
         device = torch.device(device)
         crops = [_crop(image, item, self.img_size) for item, image in zip(self.items, self._decode(device))]
-        return _normalise(torch.stack(crops))
+        return normalize_uint8(torch.stack(crops))
 
 
 class EncodedCollate:
@@ -223,4 +201,4 @@ class TensorDecodedImages(EncodedImages):
     def _item(self, index: int, generator: torch.Generator) -> torch.Tensor:
         item = super()._item(index, generator)
         cpu = torch.device("cpu")
-        return _normalise(_crop(_decode_one(item, cpu), item, self.transform.img_size))
+        return normalize_uint8(_crop(_decode_one(item, cpu), item, self.transform.img_size))

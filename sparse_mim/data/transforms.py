@@ -14,7 +14,8 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PretrainTransform", "build_transform", "denormalize", "normalized_tensor"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "PretrainTransform", "build_transform", "denormalize", "normalize_uint8",
+           "normalized_tensor"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,17 +23,20 @@ _MEAN_255 = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _INV_STD_255 = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
 
 
-def normalized_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ImageNet-normalised (3, H, W) float32, as ``normalize(to_tensor(image))``.
+def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., 3, H, W) of any strides -> contiguous ImageNet-normalised float32, as
+    ``normalize(to_tensor(...))``: one (transposing) uint8 -> float copy and two in-place ops instead of
+    to_tensor's division pass and normalize's two more; equal to torchvision's result within 5e-7."""
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    out.copy_(images)
+    return out.sub_(_MEAN_255.to(out.device)).mul_(_INV_STD_255.to(out.device))
 
-    One transposing uint8 -> float copy and two in-place ops instead of to_tensor's division pass and
-    normalize's two more: about 3x cheaper (0.3 vs 0.9 ms for a 224-px image, a fifth of the whole
-    item's time saved), and equal to torchvision's result within 5e-7.
-    """
+
+def normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> ImageNet-normalised (3, H, W) float32, as ``normalize(to_tensor(image))``:
+    about 3x cheaper (0.3 vs 0.9 ms for a 224-px image, a fifth of the whole item's time saved)."""
     hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a copy: PIL's own buffer is read-only
-    chw = torch.empty((3, image.height, image.width), dtype=torch.float32)
-    chw.copy_(hwc.permute(2, 0, 1))
-    return chw.sub_(_MEAN_255).mul_(_INV_STD_255)
+    return normalize_uint8(hwc.permute(2, 0, 1))
 
 
 def _uniform(low: float, high: float, generator: torch.Generator) -> float:

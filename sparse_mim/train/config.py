@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir, image_and_mask_errors, is_int
 from sparse_mim.data.tensor_decode import DECODERS
 
+from ..configs import compose, config_dir, image_and_mask_errors, is_int
 from .distributed import GRAD_SYNCS
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
