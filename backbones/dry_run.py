@@ -18,6 +18,7 @@ torch's random state are as before afterwards.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -60,13 +61,16 @@ class DenseTrace:
     size: int
     images: torch.Tensor
     calls: List[Call] = field(default_factory=list)  # in completion order
+    _counts: Optional[collections.Counter] = None
 
     def last_call(self, path: str) -> Optional[Call]:
         found = [c for c in self.calls if c.path == path]
         return found[-1] if found else None
 
     def count(self, path: str) -> int:
-        return sum(c.path == path for c in self.calls)
+        if self._counts is None:
+            self._counts = collections.Counter(c.path for c in self.calls)
+        return self._counts[path]
 
 
 def _stride(t, size: int) -> Optional[int]:
@@ -112,10 +116,13 @@ def prepared(model: nn.Module) -> Iterator[torch.dtype]:
         if p.is_floating_point():
             p.data = p.data.to(dtype)
     model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny workload: one thread is fastest, and immune to a loaded machine
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             yield dtype
     finally:
+        torch.set_num_threads(threads)
         for p, was in params.values():
             p.data = p.data.to(was)
         for m in itertools.chain(modules, model.modules()):
