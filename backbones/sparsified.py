@@ -18,6 +18,7 @@ the model's (for a full timm model: timm's keys minus the head; export is the id
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -175,6 +176,23 @@ def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) 
 
 
 def sparsify_timm(name: str, **kwargs) -> SparsifiedBackbone:
-    """``sparsify(timm.create_model(name, **kwargs))``: keys are timm's own (minus the head)."""
+    """``sparsify(timm.create_model(name, **kwargs))``: keys are timm's own (minus the head).
+
+    ``drop_path_rate`` is passed only to models whose constructor takes it (DLA, GhostNet and others
+    have no stochastic depth); a non-zero rate such a model ignores is said once, as a warning."""
+    return sparsify(create_timm_model(name, **kwargs))
+
+
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``, minus a ``drop_path_rate`` it does not take."""
     import timm
-    return sparsify(timm.create_model(name, pretrained=False, **kwargs))
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "drop_path_rate" not in kwargs or "'drop_path_rate'" not in str(e):
+            raise
+    rate = kwargs.pop("drop_path_rate")
+    if rate:
+        warnings.warn(f"timm's {name} has no stochastic depth (its constructor takes no drop_path_rate): "
+                      f"drop_path_rate={rate} is ignored", UserWarning, stacklevel=3)
+    return timm.create_model(name, pretrained=False, **kwargs)
