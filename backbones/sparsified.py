@@ -133,7 +133,8 @@ def _feature_modules(model: nn.Module, names: Optional[Sequence[str]], trace: dr
     """(module paths, reductions, channels) of the candidate feature maps: timm's ``feature_info``,
     else the named modules, else the ones the dry run finds (last map at each stride)."""
     info = getattr(model, "feature_info", None)
-    if names is None and isinstance(info, list) and info and "module" in info[0]:
+    if names is None and isinstance(info, list) and info and "module" in info[0] and \
+            all(trace.count(f["module"]) for f in info):  # (HRNet's name modules its classifier never runs)
         return [f["module"] for f in info], [int(f["reduction"]) for f in info], [int(f["num_chs"]) for f in info]
     names = list(names) if names is not None else dry_run.discover_features(trace)
     reductions, channels = dry_run.named_features(trace, model, names)
