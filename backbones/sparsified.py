@@ -165,13 +165,22 @@ def _norm_kind(encoder: nn.Module) -> str:
 
 
 def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) -> SparsifiedBackbone:
-    """Turn a dense CNN (timm or torchvision) into a sparse SparK encoder sharing its parameters.
+    """Turn a dense CNN (timm, torchvision or your own) into a sparse SparK encoder sharing its parameters.
 
     ``model`` is changed in place (its layers become sparse twins); the returned backbone registers
-    the same children, so ``backbone.state_dict()`` has the model's keys (minus the head after the
-    last feature map). Feature maps come from timm's ``feature_info`` unless ``feature_modules``
-    names the modules whose outputs are the maps (strides must be 4, 8, 16, 32). Raises
-    ``UnsupportedLayerError`` listing every layer that cannot run sparsely, before any computation.
+    the same children, so ``backbone.state_dict()`` has the model's keys minus the head (the modules
+    that first run after the last feature map). Feature maps come from timm's ``feature_info``, else
+    from ``feature_modules`` (module paths whose outputs are the maps at strides 4, 8, 16, 32), else
+    from a dry run: the last module output at each stride.
+
+    Everything is checked here, on one tiny forward (batch 2, 64 px or the smallest multiple of 32
+    the model accepts; eval mode, no grad; parameters, buffers, modes and random state untouched):
+
+    * ``UnsupportedLayerError``: every layer with no sparse twin (path and type), before anything is swapped;
+    * ``UnsupportedOperationError``: every glue op of the model's own ``forward`` with no sparse
+      meaning (module path and op), all listed at once;
+    * ``SparsifyMismatchError``: the sparse encoder with every patch visible does not reproduce the
+      dense model's feature maps (names the first map and module that differ).
     """
     return SparsifiedBackbone(model, feature_modules)
 
