@@ -155,10 +155,18 @@ def dispatch(collector: Collector, func, args, kwargs, run: Callable):
                     return run(func, fixed, kwargs)
                 except UnsupportedOperationError:
                     pass
-        collector.record(op_name(func), str(e).splitlines()[0])
+        collector.record(op_name(func), _reason(str(e)))
     refs = _sites_of((args, list(kwargs.values())))
     out = func(*_logical_dense(args), **_logical_dense(kwargs))
     return _rewrap(collector, out, refs[0] if refs else None)
+
+
+def _reason(message: str) -> str:
+    """The specific part of the engine's refusal (its generic remedy is said once, under the list)."""
+    first = message.splitlines()[0] if message else ""
+    if " is not supported on sparse tensors (the engine runs" in first:
+        return "not supported on sparse tensors"
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def _rewrap(collector: Collector, out, ref):
