@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import torchvision
 
 from backbones import sparsify
-from sparse_mim.engine import UnsupportedOperationError
+from sparse_mim.engine import UnsupportedLayerError, UnsupportedOperationError
 from sparse_mim.engine.errors import SparsifyMismatchError
 
 from conftest import assert_close, patch_mask
@@ -61,6 +61,14 @@ def test_a_late_registered_module_used_mid_network_is_kept_and_only_the_head_dro
     assert sparse.dropped_head == ["pool", "fc"]
     assert isinstance(sparse.act, nn.GELU) and "norm.weight" in sparse.state_dict()
     assert sparse._paths == FEATURES
+
+
+def test_a_late_registered_layer_without_a_twin_used_mid_network_is_refused_not_dropped():
+    model = LateActNet()
+    model.norm = nn.InstanceNorm2d(24)
+    with pytest.raises(UnsupportedLayerError, match=r"norm \(torch.nn.modules.instancenorm.InstanceNorm2d\)"):
+        sparsify(model)
+    assert isinstance(model.norm, nn.InstanceNorm2d) and isinstance(model.fc, nn.Linear)  # nothing dropped
 
 
 def test_late_registered_module_all_visible_equals_the_dense_model_forward_and_gradients():
