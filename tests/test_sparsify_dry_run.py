@@ -20,6 +20,15 @@ from test_sparsify import dense_features
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """float64 grouped convolutions run many times slower on 2 threads of a loaded machine than on 1."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Stage(nn.Module):
     """conv (stride 2) -> BN -> the model's shared activation, given at call time."""
 
