@@ -98,6 +98,11 @@ class SparsifiedBackbone(SparseBackbone):
         self.norm_kind = _norm_kind(self)
         self._captured: List = []
 
+    @property
+    def feature_modules(self) -> List[str]:
+        """Paths of the modules whose outputs are the 4 maps (empty for a timm ``features_only`` model)."""
+        return list(self._paths)
+
     def _capture(self, module, inputs, output):
         i = module._sparse_feature_index
         self._captured[i] = output
