@@ -152,3 +152,17 @@ def test_fcmae_imagenet_preset_holds_the_official_recipe():
     assert t.weight_decay == t.weight_decay_end == 0.05 and t.clip_grad is None
     assert (cfg.fcmae.decoder_depth, cfg.fcmae.decoder_embed_dim, cfg.fcmae.grn) == (1, 512, "batch")
     validate_config(cfg)
+
+
+def test_settings_of_the_other_method_are_ignored_with_a_note_when_changed():
+    from omegaconf import OmegaConf
+
+    from sparse_mim.train.config import CONFIG_DIR, to_plain
+    from sparse_mim.train.methods import unused_setting_notes
+
+    defaults = to_plain(OmegaConf.load(CONFIG_DIR / "pretrain.yaml"))
+    fcmae = to_plain(compose_config(["method=fcmae", "model=convnextv2_atto", "decoder_width=768"]))
+    assert unused_setting_notes(fcmae, defaults) == ["decoder_width=768 is not used by method=fcmae (ignored)"]
+    spark = to_plain(compose_config(["fcmae.grn=sample"]))
+    assert unused_setting_notes(spark, defaults) == ["fcmae.grn=sample is not used by method=spark (ignored)"]
+    assert unused_setting_notes(to_plain(compose_config([])), defaults) == []
