@@ -166,3 +166,48 @@ def test_settings_of_the_other_method_are_ignored_with_a_note_when_changed():
     spark = to_plain(compose_config(["fcmae.grn=sample"]))
     assert unused_setting_notes(spark, defaults) == ["fcmae.grn=sample is not used by method=spark (ignored)"]
     assert unused_setting_notes(to_plain(compose_config([])), defaults) == []
+
+
+def test_resuming_under_another_method_or_decoder_shape_is_refused():
+    from sparse_mim.train.config import to_plain
+    from sparse_mim.train.trainer import _check_resumable
+
+    fcmae = to_plain(compose_config(["method=fcmae", "model=convnextv2_atto"]))
+    data = {"dataset_size": 8, "steps_per_epoch": 2}
+    ckpt = {"arch": "convnextv2_atto", "config": fcmae, "rng": {"sampler": dict(data)}}
+    assert _check_resumable(ckpt, fcmae, "ckpt", data) == []
+    for overrides, clash in ((["method=spark"], "method: 'fcmae' -> 'spark'"),
+                             (["method=fcmae", "fcmae.decoder_embed_dim=64"], "fcmae.decoder_embed_dim: 512 -> 64")):
+        new = to_plain(compose_config([*overrides, "model=convnextv2_atto"]))
+        with pytest.raises(ConfigError, match=clash):
+            _check_resumable(ckpt, new, "ckpt", data)
+    # a SparK checkpoint from before method= existed resumes as SparK
+    spark = to_plain(compose_config(["model=convnextv2_atto"]))
+    old = {k: v for k, v in spark.items() if k not in ("method", "fcmae")}
+    notes = _check_resumable({**ckpt, "config": old}, spark, "ckpt", data)
+    assert not any(note.startswith("method") for note in notes)
+
+
+def test_torchrun_fcmae_equals_one_process_with_per_image_grn_and_takes_grn_per_rank_with_batch_grn(tmp_path):
+    """Per-image GRN: two processes compute what one computes on the global batch. Batch GRN (the
+    official) takes its norm over each process's own half: GRN starts as the identity (gamma = beta = 0),
+    so the first loss agrees, but its gradient, and so the first gradient norm, differs."""
+    import sys
+
+    from test_distributed import torchrun
+
+    images = tmp_path / "images"
+    make_images(images, 8, size=72)
+    losses = {}
+    for grn in ("sample", "batch"):
+        args = (*FCMAE_TINY, f"data.path={images}", "train.max_steps=2", "train.deterministic=true", f"fcmae.grn={grn}")
+        single = run([sys.executable, "-m", "sparse_mim", "pretrain", *args, f"output_dir={tmp_path / grn / 'one'}"])
+        assert single.returncode == 0, single.stderr[-4000:]
+        double = torchrun("-m", "sparse_mim", "pretrain", *args, f"output_dir={tmp_path / grn / 'two'}")
+        assert double.returncode == 0, double.stderr[-4000:]
+        losses[grn] = [[(r["loss"], r["grad_norm"]) for r in metrics(tmp_path / grn / n)] for n in ("one", "two")]
+    one, two = losses["sample"]
+    assert [x for step in two for x in step] == pytest.approx([x for step in one for x in step], rel=1e-5)
+    (loss_one, norm_one), (loss_two, norm_two) = losses["batch"][0][0], losses["batch"][1][0]
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
+    assert abs(norm_two - norm_one) > 1e-4 * norm_one
