@@ -16,14 +16,19 @@ __all__ = ["SparseConvNeXt", "ConvNeXtBlock"]
 
 
 class Mlp(nn.Module):
-    """fc1 -> GELU -> (GRN for V2) -> fc2, per site (timm ``Mlp`` / ``GlobalResponseNormMlp`` names)."""
+    """fc1 -> GELU -> (GRN for V2) -> fc2, per site (timm ``Mlp`` / ``GlobalResponseNormMlp`` names).
 
-    def __init__(self, dim: int, hidden: int, use_grn: bool):
+    ``conv_mlp``: fc1/fc2 are 1x1 convs, as timm holds them for ConvNeXt V2 atto..nano (the same
+    function; only the weights' shape, (out, in, 1, 1), follows timm).
+    """
+
+    def __init__(self, dim: int, hidden: int, use_grn: bool, conv_mlp: bool = False):
         super().__init__()
-        self.fc1 = SparseLinear(dim, hidden)
+        fc = (lambda cin, cout: SparseConv2d(cin, cout, 1)) if conv_mlp else SparseLinear
+        self.fc1 = fc(dim, hidden)
         self.act = SparseGELU()
         self.grn = SparseGRN(hidden) if use_grn else None
-        self.fc2 = SparseLinear(hidden, dim)
+        self.fc2 = fc(hidden, dim)
 
     def forward(self, x):
         x = self.act(self.fc1(x))
@@ -36,11 +41,11 @@ class ConvNeXtBlock(nn.Module):
     """7x7 depthwise conv -> LayerNorm -> MLP -> layer scale -> drop path -> residual."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, ls_init_value: Optional[float] = 1e-6,
-                 use_grn: bool = False):
+                 use_grn: bool = False, conv_mlp: bool = False):
         super().__init__()
         self.conv_dw = SparseConv2d(dim, dim, 7, padding=3, groups=dim)
-        self.norm = SparseLayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, 4 * dim, use_grn)
+        self.norm = SparseLayerNorm(dim, eps=1e-6, channels_first=conv_mlp)
+        self.mlp = Mlp(dim, 4 * dim, use_grn, conv_mlp)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim)) if ls_init_value is not None else None
         self.drop_path = SparseDropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -52,14 +57,15 @@ class ConvNeXtBlock(nn.Module):
 
 
 class Stage(nn.Module):
-    def __init__(self, in_dim: int, dim: int, depth: int, rates: Sequence[float], ls_init_value, use_grn):
+    def __init__(self, in_dim: int, dim: int, depth: int, rates: Sequence[float], ls_init_value, use_grn,
+                 conv_mlp: bool = False):
         super().__init__()
         if in_dim != dim:
             self.downsample = nn.Sequential(SparseLayerNorm(in_dim, eps=1e-6, channels_first=True),
                                             SparseConv2d(in_dim, dim, 2, 2))
         else:
             self.downsample = nn.Identity()
-        self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, r, ls_init_value, use_grn) for r in rates])
+        self.blocks = nn.Sequential(*[ConvNeXtBlock(dim, r, ls_init_value, use_grn, conv_mlp) for r in rates])
 
     def forward(self, x):
         return self.blocks(self.downsample(x))
@@ -71,9 +77,10 @@ class SparseConvNeXt(SparseBackbone):
     norm_kind = "layer"
 
     def __init__(self, depths: Sequence[int], dims: Sequence[int], drop_path_rate: float = 0.0,
-                 version: int = 1):
+                 version: int = 1, conv_mlp: bool = False):
         super().__init__()
         use_grn = version == 2
+        self.version = version
         ls = None if use_grn else 1e-6
         self.stem = nn.Sequential(SparseConv2d(3, dims[0], 4, 4),
                                   SparseLayerNorm(dims[0], eps=1e-6, channels_first=True))
@@ -82,7 +89,7 @@ class SparseConvNeXt(SparseBackbone):
         starts = [sum(depths[:i]) for i in range(4)]
         self.stages = nn.Sequential(*[
             Stage(dims[0] if i == 0 else dims[i - 1], dims[i], depths[i],
-                  rates[starts[i]:starts[i] + depths[i]], ls, use_grn)
+                  rates[starts[i]:starts[i] + depths[i]], ls, use_grn, conv_mlp)
             for i in range(4)])
         self.feature_channels = list(dims)
         self._init_weights()
@@ -127,11 +134,21 @@ def convnext_large(**kwargs) -> SparseConvNeXt:
     return SparseConvNeXt(*_V1["large"], **kwargs)
 
 
-@register_backbone
-def convnextv2_tiny(**kwargs) -> SparseConvNeXt:
-    return SparseConvNeXt(*_V1["tiny"], version=2, **kwargs)
+#: ConvNeXt V2 sizes (timm's): (depths, dims, conv_mlp); timm keeps atto..nano's MLPs as 1x1 convs.
+#: Other timm convnextv2 names (small, large, huge) run through ``sparsify``.
+_V2 = dict(atto=((2, 2, 6, 2), (40, 80, 160, 320), True), femto=((2, 2, 6, 2), (48, 96, 192, 384), True),
+           pico=((2, 2, 6, 2), (64, 128, 256, 512), True), nano=((2, 2, 8, 2), (80, 160, 320, 640), True),
+           tiny=(*_V1["tiny"], False), base=(*_V1["base"], False))
 
 
-@register_backbone
-def convnextv2_base(**kwargs) -> SparseConvNeXt:
-    return SparseConvNeXt(*_V1["base"], version=2, **kwargs)
+def _convnextv2(size: str):
+    depths, dims, conv_mlp = _V2[size]
+
+    def build(**kwargs) -> SparseConvNeXt:
+        return SparseConvNeXt(depths, dims, version=2, conv_mlp=conv_mlp, **kwargs)
+    build.__name__ = f"convnextv2_{size}"
+    return register_backbone(build)
+
+
+for _size in _V2:
+    _convnextv2(_size)

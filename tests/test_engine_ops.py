@@ -220,6 +220,32 @@ def test_grn_is_per_sample_over_active_sites():
     assert (a[1] - b[1]).abs().max() > 1e-3
 
 
+def test_grn_batch_mode_takes_one_norm_over_the_whole_batch():
+    grn = SparseGRN(6, mode="batch").to(DT)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+    mask = patch_mask("random", 3, (2, 3))
+    out = compare(grn, 6, 16, mask)
+    # the official MinkowskiGRN: ||x||_2 per channel over every active row of the batch
+    manager = out.manager
+    x = torch.randn(3, 6, 4, 6, dtype=DT)
+    sparse = pair(x, manager, 16)[0]
+    f = sparse.features
+    g = f.norm(dim=0, keepdim=True)
+    expected = grn.weight * (f * (g / (g.mean(-1, keepdim=True) + 1e-6))) + grn.bias + f
+    assert_close(grn(sparse).features, expected, what="whole-batch GRN")
+    # ... so another sample's features change sample 0's output
+    x2 = x.clone()
+    x2[1] *= 10
+    a, b = grn(sparse).dense(), grn(pair(x2, manager, 16)[0]).dense()
+    assert (a[0] - b[0]).abs().max() > 1e-3
+
+
+def test_grn_rejects_an_unknown_mode():
+    with pytest.raises(ValueError, match="GRN mode must be one of sample, batch"):
+        SparseGRN(4, mode="image")
+
+
 def test_global_avg_pool_per_sample():
     mask = patch_mask("random", 2, (2, 3))
     manager = PatchCoordinateManager(mask, 32)

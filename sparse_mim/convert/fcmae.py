@@ -10,6 +10,10 @@ wrapper modules and GRN parameters `(1, 4C)`. The decoder side (`mask_token`, `p
 The rules below are one table used both ways: FCMAE -> timm (`fcmae_to_timm`) and timm -> FCMAE
 (`timm_to_fcmae`, what `sparse-mim convert --to minkowski` writes for a ConvNeXt V2). They work for
 any depths and dims; with an `arch`, the result is also checked against that timm model.
+
+The whole pretraining model (`sparse_mim.fcmae.FCMAE`: the encoder under `encoder.` with timm's
+names, the decoder's blocks as timm `ConvNeXtBlock`s) maps onto the official `FCMAE` module's
+state_dict through `official_fcmae_to_ours` / `ours_to_official_fcmae` (decoder rules below).
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from .errors import ConversionError
 from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
 from .verify import key_problems, shapes_of
 
-__all__ = ["from_fcmae", "fcmae_to_timm", "timm_to_fcmae", "is_fcmae_layout", "FCMAE_DECODER_GROUPS"]
+__all__ = ["from_fcmae", "fcmae_to_timm", "timm_to_fcmae", "is_fcmae_layout", "FCMAE_DECODER_GROUPS",
+           "official_fcmae_to_ours", "ours_to_official_fcmae", "official_fcmae_name", "fcmae_head_state_dict"]
 
 #: Top-level groups of an FCMAE model that belong to the decoder (dropped by the official fine-tuning).
 FCMAE_DECODER_GROUPS = ("mask_token", "proj", "decoder", "pred")
@@ -72,6 +77,21 @@ _RULES = (
     _Rule("stages.{s}.blocks.{b}.mlp.grn.bias", "stages.{s}.{b}.grn.beta", _grn_to_timm, lambda p: p[None]),
 )
 
+#: The decoder side of the whole model: ours (timm ConvNeXtBlock names) <- official (`models/fcmae.py`).
+_DECODER_RULES = (
+    _Rule("mask_token", "mask_token", _same, _same),
+    _Rule("proj.{p}", "proj.{p}", _same, _same),
+    _Rule("pred.{p}", "pred.{p}", _same, _same),
+    _Rule("decoder.{b}.conv_dw.{p}", "decoder.{b}.dwconv.{p}", _same, _same),
+    _Rule("decoder.{b}.norm.{p}", "decoder.{b}.norm.{p}", _same, _same),
+    _Rule("decoder.{b}.mlp.fc{n}.{p}", "decoder.{b}.pwconv{n}.{p}", _same, _same),
+    _Rule("decoder.{b}.mlp.grn.weight", "decoder.{b}.grn.gamma", _grn_to_timm, lambda p: p.reshape(1, 1, 1, -1)),
+    _Rule("decoder.{b}.mlp.grn.bias", "decoder.{b}.grn.beta", _grn_to_timm, lambda p: p.reshape(1, 1, 1, -1)),
+)
+_ENCODER = "encoder."
+_MODEL_RULES = tuple(_Rule(_ENCODER + r.timm, _ENCODER + r.fcmae, r.to_timm, r.to_fcmae) for r in _RULES) \
+    + _DECODER_RULES
+
 _FIELDS = {"s": r"(?P<s>\d+)", "b": r"(?P<b>\d+)", "p": r"(?P<p>weight|bias)", "n": r"(?P<n>[12])"}
 
 
@@ -84,6 +104,8 @@ def _pattern(template: str) -> re.Pattern:
 
 _TO_TIMM = [(_pattern(r.fcmae), r) for r in _RULES]
 _TO_FCMAE = [(_pattern(r.timm), r) for r in _RULES]
+_MODEL_TO_OURS = [(_pattern(r.fcmae), r) for r in _MODEL_RULES]
+_MODEL_TO_OFFICIAL = [(_pattern(r.timm), r) for r in _MODEL_RULES]
 
 
 def is_fcmae_layout(keys) -> bool:
@@ -91,8 +113,8 @@ def is_fcmae_layout(keys) -> bool:
     return any(k.startswith("downsample_layers.") and k.endswith(".kernel") for k in keys)
 
 
-def _rename(state_dict: Mapping[str, torch.Tensor], to_timm: bool) -> tuple[dict, list[str]]:
-    table = _TO_TIMM if to_timm else _TO_FCMAE
+def _rename(state_dict: Mapping[str, torch.Tensor], to_timm: bool, table=None) -> tuple[dict, list[str]]:
+    table = table or (_TO_TIMM if to_timm else _TO_FCMAE)
     out, unknown = {}, []
     for key, value in state_dict.items():
         for pattern, rule in table:
@@ -114,6 +136,46 @@ def timm_to_fcmae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         raise ConversionError(f"{len(unknown)} keys have no FCMAE counterpart (is this a ConvNeXt V2 encoder?): "
                               f"{shown}")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def official_fcmae_to_ours(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The official `FCMAE` module's state_dict (encoder, mask_token, proj, decoder, pred) -> our
+    `sparse_mim.fcmae.FCMAE` names, dense kernel layouts and GRN shapes; plus the keys with no
+    counterpart. MLP weights stay (out, in): reshape to 1x1 convs where the encoder holds them so."""
+    return _rename(state_dict, to_timm=True, table=_MODEL_TO_OURS)
+
+
+def ours_to_official_fcmae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our whole FCMAE model's state_dict -> the official `FCMAE` module's names and MinkowskiEngine
+    layouts (what `FCMAE.load_state_dict(..., strict=True)` takes)."""
+    out, unknown = _rename(state_dict, to_timm=False, table=_MODEL_TO_OFFICIAL)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} keys have no counterpart in the official FCMAE model: "
+                              + ", ".join(unknown[:20]))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def fcmae_head_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder side (mask_token, proj, decoder, pred) of a whole FCMAE state dict under our names:
+    renamed from the official layout when the file is an official checkpoint, as-is from ours."""
+    head = {k: v for k, v in weights.items() if k.split(".", 1)[0] in FCMAE_DECODER_GROUPS}
+    official = any(k.startswith("encoder.downsample_layers.") for k in weights) or \
+        any(k.startswith("decoder.") and ".dwconv." in k for k in head)
+    if not official:
+        return head
+    renamed, unknown = official_fcmae_to_ours(head)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} decoder keys of the FCMAE checkpoint have no counterpart: "
+                              + ", ".join(unknown[:20]))
+    return renamed
+
+
+def official_fcmae_name(name: str) -> str | None:
+    """The official `FCMAE` state_dict name of our FCMAE parameter ``name`` (None if it has none)."""
+    for pattern, rule in _MODEL_TO_OFFICIAL:
+        if m := pattern.fullmatch(name):
+            return rule.fcmae.format(**m.groupdict())
+    return None
 
 
 def _infer_config(keys: Mapping[str, torch.Tensor]) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -22,7 +22,7 @@ from .tensor import SiteTensor
 __all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLinear", "SparseBatchNorm2d",
            "SparseSyncBatchNorm", "SparseGroupNorm", "SparseLayerNorm",
            "SparseMaxPool2d", "SparseAvgPool2d", "SparseSpaceToDepth", "SparseBlurPool2d",
-           "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
+           "SparseGRN", "set_grn_mode", "SparseGlobalAvgPool", "SparseDropPath",
            "SparseActivation", "SparseReLU", "SparseReLU6", "SparseGELU", "convert_sync_batchnorm"]
 
 
@@ -263,23 +263,44 @@ class SparseBlurPool2d(nn.Module):
 
 
 class SparseGRN(nn.Module):
-    """ConvNeXt V2 Global Response Normalisation, per sample over its active sites (timm names)."""
+    """ConvNeXt V2 Global Response Normalisation over active sites (timm names).
+
+    ``mode="sample"``: each sample's own L2 norm (timm's dense GRN, fine-tuning); ``"batch"``: one norm
+    over the whole local batch, as the official FCMAE sparse encoder (per process under DDP).
+    """
 
     layout = None  # sparsify sets "nhwc" (timm's channels-last GRN)
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, mode: str = "sample"):
         super().__init__()
+        if mode not in ops.GRN_MODES:
+            raise ValueError(f"GRN mode must be one of {', '.join(ops.GRN_MODES)}, got {mode!r}")
         self.eps = eps
+        self.mode = mode
         self.weight = nn.Parameter(torch.zeros(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
             _check_layout(self, x)
-            return ops.grn(x, self.weight, self.bias, self.eps)
-        g = x.norm(p=2, dim=(1, 2), keepdim=True)  # dense channels-last, as timm
+            return ops.grn(x, self.weight, self.bias, self.eps, self.mode)
+        # dense channels-last, as timm
+        g = x.norm(p=2, dim=(1, 2) if self.mode == "sample" else (0, 1, 2), keepdim=True)
         n = g / (g.mean(dim=-1, keepdim=True) + self.eps)
         return x + torch.addcmul(self.bias, self.weight, x * n)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, mode={self.mode}"
+
+
+def set_grn_mode(model: nn.Module, mode: str) -> nn.Module:
+    """Set ``mode`` (``"sample"`` / ``"batch"``) on every ``SparseGRN`` of ``model``; returns ``model``."""
+    if mode not in ops.GRN_MODES:
+        raise ValueError(f"GRN mode must be one of {', '.join(ops.GRN_MODES)}, got {mode!r}")
+    for m in model.modules():
+        if isinstance(m, SparseGRN):
+            m.mode = mode
+    return model
 
 
 class SparseGlobalAvgPool(nn.Module):

@@ -52,8 +52,9 @@ def normalize_patches(patches: torch.Tensor, eps: float = PATCH_NORM_EPS):
 
 
 def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, active: torch.Tensor,
-                      patch_size: int = 32) -> torch.Tensor:
-    """Mean squared error on the masked patches, targets normalised per patch.
+                      patch_size: int = 32, normalize: bool = True) -> torch.Tensor:
+    """Mean squared error on the masked patches, targets normalised per patch (raw pixels with
+    ``normalize=False``, FCMAE's ``norm_pix_loss=False``).
 
     ``pred`` (B, C, H, W) is the decoder output in normalised-patch space, ``images`` the input,
     ``active`` (B, H/p, W/p) bool (True = visible). Each patch's error is the mean over its p*p*C
@@ -68,7 +69,9 @@ def masked_patch_loss(pred: torch.Tensor, images: torch.Tensor, active: torch.Te
         raise SparseInputError(f"active must be a bool patch mask of shape {grid} for images "
                                f"{tuple(images.shape)}, got {tuple(active.shape)} {active.dtype}")
     dtype = torch.promote_types(pred.dtype, torch.float32)  # per-patch statistics in >= float32 under AMP
-    target, _, _ = normalize_patches(patchify(images.to(dtype), patch_size))
+    target = patchify(images.to(dtype), patch_size)
+    if normalize:
+        target, _, _ = normalize_patches(target)
     per_patch = (patchify(pred.to(dtype), patch_size) - target).pow(2).mean(dim=-1)  # (B, L)
     masked = (~active).reshape(per_patch.shape).to(per_patch.dtype)
     return (per_patch * masked).sum() / masked.sum().clamp(min=1)

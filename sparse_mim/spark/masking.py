@@ -46,8 +46,9 @@ def patch_grid(images: torch.Tensor, patch_size: int = 32) -> Tuple[int, int]:
 
 def random_patch_mask(batch: int, grid_hw: Tuple[int, int], mask_ratio: float,
                       generator: Optional[torch.Generator] = None,
-                      device: Optional[torch.device] = None) -> torch.Tensor:
-    """(batch, h, w) bool, True = visible: each image keeps a uniform random ``len_keep`` patches.
+                      device: Optional[torch.device] = None, keep: Optional[int] = None) -> torch.Tensor:
+    """(batch, h, w) bool, True = visible: each image keeps a uniform random ``len_keep`` patches
+    (``keep`` when given: another recipe's count, e.g. FCMAE's rounding down).
 
     Sampling is ``rand(B, L).argsort(1)[:, :len_keep]`` with ``L = h * w``; pass a ``generator``
     for reproducible masks (noise is drawn on the generator's device, the mask returned on ``device``).
@@ -57,7 +58,10 @@ def random_patch_mask(batch: int, grid_hw: Tuple[int, int], mask_ratio: float,
         raise SparseInputError(f"need a batch of at least one image and a non-empty patch grid, got "
                                f"batch={batch}, grid={h}x{w}")
     num_patches = h * w
-    keep = check_mask_ratio(mask_ratio, num_patches)
+    if keep is None:
+        keep = check_mask_ratio(mask_ratio, num_patches)
+    elif not 1 <= keep < num_patches:
+        raise SparseInputError(f"{keep} visible patches of {num_patches}: need at least one visible and one masked")
     sample_device = generator.device if generator is not None else device
     noise = torch.rand(batch, num_patches, generator=generator, device=sample_device)
     visible = noise.argsort(dim=1)[:, :keep]

@@ -1,8 +1,9 @@
 """Per-sample ops: each sample's statistics come from its own active sites only.
 
-Global average pooling, ConvNeXt V2's Global Response Normalisation (GRN) and DropPath. GRN's global
-norm is per sample over that sample's active sites (not over the whole batch, a known bug of ConvNeXt
-V2's MinkowskiEngine port).
+Global average pooling, ConvNeXt V2's Global Response Normalisation (GRN) and DropPath. GRN has two
+modes: ``"sample"`` takes each channel's L2 norm over one sample's active sites (the dense GRN of
+fine-tuning, batch-size independent); ``"batch"`` takes it over the active sites of the whole local
+batch, as ConvNeXt V2's official sparse encoder (``MinkowskiGRN``) does in FCMAE pretraining.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows
 
-__all__ = ["global_avg_pool", "per_sample_sum", "grn", "drop_path"]
+__all__ = ["global_avg_pool", "per_sample_sum", "grn", "GRN_MODES", "drop_path"]
+
+#: Where GRN's global L2 norm is taken: over each sample's active sites, or over the whole local batch's.
+GRN_MODES = ("sample", "batch")
 
 
 def per_sample_sum(x: SparseTensor, values: torch.Tensor) -> torch.Tensor:
@@ -40,18 +44,25 @@ def global_avg_pool(x: SiteTensor) -> torch.Tensor:
     return per_sample_sum(x, x.features) / counts
 
 
-def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6) -> SiteTensor:
-    """x + weight * (x * N(x)) + bias with N = L2 over the sample's active sites / its channel mean."""
+def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6,
+        mode: str = "sample") -> SiteTensor:
+    """x + weight * (x * N(x)) + bias with N = per-channel L2 norm / its channel mean; the norm runs over
+    one sample's active sites (``mode="sample"``) or over every active site of the batch (``"batch"``)."""
+    if mode not in GRN_MODES:
+        raise ValueError(f"GRN mode must be one of {', '.join(GRN_MODES)}, got {mode!r}")
     if isinstance(x, MaskedDenseTensor):
         d = x.dense_features
-        g = torch.linalg.vector_norm(d, 2, dim=(2, 3), keepdim=True)
+        g = torch.linalg.vector_norm(d, 2, dim=(2, 3) if mode == "sample" else (0, 2, 3), keepdim=True)
         n = g / (g.mean(1, keepdim=True) + eps)
         out = d + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), d * n)
         return x.masked(out)
+    f = x.features
+    if mode == "batch":  # one norm per channel over all rows: the same on every backend
+        g = _safe_sqrt((f * f).sum(0, keepdim=True))
+        return x.replace(f + torch.addcmul(bias, weight, f * (g / (g.mean(1, keepdim=True) + eps))))
     if current_backend() == "minkowski":
         from .. import minkowski
         return minkowski.grn(x, weight, bias, eps)
-    f = x.features
     g = _safe_sqrt(per_sample_sum(x, f * f))
     n = _per_row(x, g / (g.mean(1, keepdim=True) + eps))
     return x.replace(f + torch.addcmul(bias, weight, f * n))
