@@ -63,3 +63,27 @@ def test_python_example_runs(path, line, code, skip, tmp_path, monkeypatch):
     compiled = compile(code, f"{path.relative_to(ROOT)}:{line}", "exec")
     exec(compiled, {"__name__": "__docs_example__"})
     assert os.getcwd() == str(tmp_path)
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)|<img src=\"([^\"]+)\"")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor a code host gives a markdown heading: lower case, punctuation dropped, spaces -> '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_and_anchors_resolve():
+    """The README is read outside the docs site, so its strict build cannot check it: every relative
+    link must name a file of the repository, and an anchor a heading of that file."""
+    text = (ROOT / "README.md").read_text()
+    for match in LINK.finditer(text):
+        target = match.group(1) or match.group(2)
+        if re.match(r"^[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = ROOT / path if path else ROOT / "README.md"
+        assert file.exists(), f"README links to {target}, which does not exist"
+        if anchor:
+            headings = [github_anchor(h) for h in re.findall(r"^#+ (.*)$", file.read_text(), re.MULTILINE)]
+            assert anchor in headings, f"README links to {target}: no such heading in {path}"
