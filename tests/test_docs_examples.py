@@ -1,8 +1,9 @@
 """Every fenced ```python block of README.md and docs/**/*.md runs without raising.
 
-Each block is a self-contained example (its own imports), run in a fresh namespace in an empty
-working directory, so the documentation cannot drift from the code. A block may be left out only by
-a visible marker on the line before its fence: ``<!-- no-test: reason -->`` (the reason is required).
+A page is read like a session: its blocks run in order, in one namespace (a later block may use what
+an earlier one defined), in an empty working directory, so the documentation cannot drift from the
+code. A block may be left out only by a visible marker on the line before its fence:
+``<!-- no-test: reason -->`` (the reason is required). Examples are written at small sizes.
 """
 import os
 import re
@@ -41,7 +42,8 @@ def documented_files():
     return [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 
 
-EXAMPLES = [(path, line, code, skip) for path in documented_files() for line, code, skip in python_blocks(path)]
+PAGES = [path for path in documented_files() if python_blocks(path)]
+EXAMPLES = [(path, line, code, skip) for path in PAGES for line, code, skip in python_blocks(path)]
 
 
 def test_the_docs_have_python_examples():
@@ -53,15 +55,19 @@ def test_every_skipped_block_says_why():
         assert skip is None or skip, f"{path.relative_to(ROOT)}:{line}: a no-test marker needs a reason"
 
 
-@pytest.mark.parametrize("path, line, code, skip", EXAMPLES,
-                         ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _, _ in EXAMPLES])
-def test_python_example_runs(path, line, code, skip, tmp_path, monkeypatch):
-    if skip:
-        pytest.skip(f"marked no-test: {skip}")
+@pytest.mark.parametrize("path", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
+def test_python_examples_of_a_page_run(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
-    compiled = compile(code, f"{path.relative_to(ROOT)}:{line}", "exec")
-    exec(compiled, {"__name__": "__docs_example__"})
+    namespace = {"__name__": "__docs_example__"}
+    for line, code, skip in python_blocks(path):
+        if skip:
+            continue
+        where = f"{path.relative_to(ROOT)}:{line}"
+        try:
+            exec(compile(code, where, "exec"), namespace)
+        except Exception as e:
+            raise AssertionError(f"the example at {where} raised {type(e).__name__}: {e}") from e
     assert os.getcwd() == str(tmp_path)
 
 
