@@ -2,6 +2,7 @@
 
     python benchmarks/plots.py                                   # speed_vs_mask.png, downstream.png
     python benchmarks/plots.py --reconstruction outputs/pretrain/resnet18   # + reconstruction.png
+    python benchmarks/plots.py --sweep-from bench_out/sweep    # a `sparse-mim bench` run -> cpu_mask_sweep.csv
 
 ``--reconstruction`` takes a pretraining output folder (its newest ``reconstructions/epoch_*.png``)
 or one picture, and writes a small copy. Figures go to docs/assets/ (``--out`` to change).
@@ -20,6 +21,43 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ASSETS = HERE.parent / "docs" / "assets"
+
+
+def sweep_csv(bench_dir: Path, commit: str) -> Path:
+    """``results/cpu_mask_sweep.csv`` from a ``sparse-mim bench what=[encoder] mask_ratios=[...]`` output
+    folder: per mask ratio the median times, the median of the per-repeat ratios (each repeat's sparse
+    and masked-dense runs are neighbours in time, so their ratio is what a loaded machine disturbs
+    least) and every repeat."""
+    import json
+    import statistics
+
+    run = json.loads((bench_dir / "results.json").read_text())
+    machine = run["machine"]
+    rows = []
+    for r in run["results"]:
+        sparse, dense = r["times_ms"]["encoder"]["sparse"], r["times_ms"]["encoder"]["dense"]
+        rows.append({
+            "model": r["model"], "mask_ratio": r["mask_ratio"], "batch_size": r["batch_size"],
+            "img_size": r["img_size"], "visible": f"{r['len_keep']}/{r['num_patches']}",
+            "sparse_ms": round(statistics.median(sparse), 1), "masked_dense_ms": round(statistics.median(dense), 1),
+            "speedup": round(statistics.median(d / s for s, d in zip(sparse, dense)), 2),
+            "speedup_min": round(min(d / s for s, d in zip(sparse, dense)), 2),
+            "speedup_max": round(max(d / s for s, d in zip(sparse, dense)), 2),
+            "flop_ratio": round(r["flop_ratio"]["encoder"], 3), "repeats": len(sparse), "threads": machine["threads"],
+            "sparse_ms_all": " ".join(f"{t:.0f}" for t in sparse),
+            "masked_dense_ms_all": " ".join(f"{t:.0f}" for t in dense),
+            "commit": commit, "date": machine["date"][:10],
+            "load_start": machine["load_average_start"][0], "load_end": machine["load_average_end"][0],
+            "machine": f"{machine['cpu']} ({machine['cpu_count']} cores); torch {machine['torch']}; "
+                       f"{machine['threads']} thread(s)",
+            "command": machine["command"],
+        })
+    path = RESULTS / "cpu_mask_sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
 
 
 def read(name: str) -> list[dict]:
@@ -45,13 +83,18 @@ def speed_vs_mask(out: Path) -> Path:
     if cpu_file.is_file():
         cpu = read(cpu_file.name)
         for model in sorted({r["model"] for r in cpu}):
-            rows = sorted((float(r["mask_ratio"]), float(r["speedup"])) for r in cpu if r["model"] == model)
-            axes[1].plot(*zip(*rows), marker="o", color=styles.get(model, "grey"), label=model)
-        axes[1].set_title(f"CPU, 2 threads, fp32, batch {cpu[0]['batch_size']} ({cpu[0]['date']})", fontsize=9)
+            rows = sorted((float(r["mask_ratio"]), float(r["speedup"]), float(r["speedup_min"]),
+                           float(r["speedup_max"])) for r in cpu if r["model"] == model)
+            x, y, lo, hi = zip(*rows)
+            axes[1].errorbar(x, y, yerr=[[a - b for a, b in zip(y, lo)], [b - a for a, b in zip(y, hi)]],
+                             marker="o", capsize=3, color=styles.get(model, "grey"),
+                             label=f"{model} (median, min-max of {cpu[0]['repeats']} repeats)")
+        axes[1].set_title(f"CPU, {cpu[0]['threads']} thread(s), fp32, batch {cpu[0]['batch_size']} "
+                          f"({cpu[0]['date']})", fontsize=9)
     ratios = [0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.9]
     ideal = [49 / round(49 * (1 - r)) for r in ratios]  # 224 px: 49 patches, SparK's visible count
     for ax in axes:
-        ax.plot(ratios, ideal, color="grey", linestyle=":", label="FLOP bound (49 / visible patches)")
+        ax.plot(ratios, ideal, color="grey", linestyle=":", label="dense / sparse FLOPs (49 / visible patches)")
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xlabel("mask ratio")
         ax.set_ylabel("encoder fwd+bwd speedup\nover masked-dense")
@@ -112,8 +155,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--reconstruction", type=Path, help="pretraining output folder or picture")
+    parser.add_argument("--sweep-from", type=Path, help="a `sparse-mim bench` output folder (mask-ratio sweep)")
+    parser.add_argument("--commit", default="", help="the commit the sweep measured (for the CSV)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.sweep_from:
+        print(f"wrote {sweep_csv(args.sweep_from, args.commit)}")
     written = [speed_vs_mask(args.out), downstream(args.out)]
     if args.reconstruction:
         written.append(reconstruction(args.reconstruction, args.out))

@@ -27,7 +27,10 @@ _LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Plain text as one markdown table cell: no HTML tags, emphasis or column breaks by accident."""
+    for char, escaped in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("*", "\\*"), ("|", "\\|")):
+        text = text.replace(char, escaped)
+    return text.replace("\n", " ")
 
 
 def settings_table(config_name: str) -> str:
@@ -47,7 +50,7 @@ def settings_table(config_name: str) -> str:
             if isinstance(value, dict):
                 walk(value, f"{prefix}{key}.")
             else:
-                rows.append(f"| `{prefix}{key}` | `{_cell(configs._as_override(value))}` | "
+                rows.append(f"| `{prefix}{key}` | `{configs._as_override(value).replace('|', chr(92) + '|')}` | "
                             f"{_cell(comments.get(prefix + key, ''))} |")
 
     walk(OmegaConf.to_container(cfg, resolve=False))
