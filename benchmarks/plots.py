@@ -147,7 +147,7 @@ def reconstruction(source: Path, out: Path, width: int = 720) -> Path:
     if image.width > width:
         image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
     path = out / "reconstruction.png"
-    image.quantize(colors=192).save(path, optimize=True)
+    image.save(path, optimize=True)
     return path
 
 
