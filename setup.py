@@ -1,10 +1,29 @@
 """Packaging for sparse-mim: the library (`sparse_mim`), the backbones (`backbones`) and the CLI."""
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="sparse-mim",
     version="0.1.0",
     description="SparK-style masked image modeling for CNNs with a genuinely sparse encoder",
+    long_description=(Path(__file__).parent / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    classifiers=[
+        "Development Status :: 4 - Beta",
+        "Intended Audience :: Science/Research",
+        "License :: OSI Approved :: MIT License",
+        "Operating System :: OS Independent",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+        "Topic :: Scientific/Engineering :: Image Recognition",
+    ],
+    project_urls={
+        "SparK paper": "https://arxiv.org/abs/2301.03580",
+        "ConvNeXt V2 paper": "https://arxiv.org/abs/2301.00808",
+    },
     python_requires=">=3.10",
     packages=find_packages(include=["sparse_mim", "sparse_mim.*", "backbones", "backbones.*"])
     + ["sparse_mim._configs"],
@@ -27,7 +46,9 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout"],
-        # built from source after torch: see README "Optional: MinkowskiEngine backend"
+        # the documentation site: mkdocs build --strict (see mkdocs.yml)
+        "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "mkdocstrings-python>=1.12"],
+        # built from source after torch: see docs/minkowski.md
         "minkowski": ["MinkowskiEngine==0.5.4"],
         "detectron2": [],
     },

@@ -1,6 +1,6 @@
 """Do sparse-mim's SparK weights make a better classifier than random init? One command, end to end.
 
-    python benchmarks/downstream.py --data ../shared/datasets/imagenette-128 --out outputs/downstream
+    python benchmarks/downstream.py --data /data/imagenette-128 --out outputs/downstream
 
 1. SparK-pretrains a backbone on the ``train`` images (labels unused) for a fixed budget
    (``sparse-mim pretrain``);

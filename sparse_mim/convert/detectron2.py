@@ -1,6 +1,6 @@
 """Encoder weights (timm ResNet names) -> a Detectron2 backbone checkpoint (`.pkl`).
 
-Renames (spec §7): `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0` -> `shortcut`,
+Renames (docs/converting.md): `layerN` -> `res{N+1}`, `bnK` -> `convK.norm`, `downsample.0` -> `shortcut`,
 `downsample.1` -> `shortcut.norm`, and the stem (`conv1`, `bn1`) gets a `stem.` prefix. BatchNorm
 `num_batches_tracked` is dropped (Detectron2's norms have weight, bias, running_mean, running_var).
 

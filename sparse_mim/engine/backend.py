@@ -21,7 +21,7 @@ INSTALL_MINKOWSKI = (
     "MinkowskiEngine 0.5.4 is built from source (CPU-only here): apt-get install -y libopenblas-dev "
     "build-essential, then, in an environment that already has torch: SETUPTOOLS_USE_DISTUTILS=stdlib "
     "MAX_JOBS=2 pip install --no-build-isolation MinkowskiEngine==0.5.4 (or pip install --no-build-isolation "
-    "-e \".[minkowski]\"); see README 'Optional: MinkowskiEngine backend'")
+    "-e \".[minkowski]\"); see docs/minkowski.md")
 
 
 class MinkowskiUnavailableError(ImportError):

@@ -16,7 +16,7 @@ from sparse_mim.spark.params import param_groups
 
 __all__ = ["LAMB_BETAS", "LAMB_EPS", "ADAMW_BETAS", "lamb_betas", "build_optimizer"]
 
-#: SparK's LAMB betas (spec §6) by the encoder's ``norm_kind``: (0.9, 0.95) for its BatchNorm
+#: SparK's LAMB betas (docs/pretraining.md) by the encoder's ``norm_kind``: (0.9, 0.95) for its BatchNorm
 #: ResNets, (0.9, 0.999) for its LayerNorm ConvNeXts; any other CNN follows its normalisation.
 LAMB_BETAS: Dict[str, Tuple[float, float]] = {
     "batch": (0.9, 0.95),

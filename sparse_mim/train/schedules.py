@@ -1,4 +1,4 @@
-"""SparK's per-iteration schedules (spec §6): learning rate and weight decay as functions of the step.
+"""SparK's per-iteration schedules (docs/pretraining.md): learning rate and weight decay as functions of the step.
 
     peak_lr = base_lr * global_batch / 256
     lr:  linear warmup from 0.005 * peak_lr to peak_lr over the warmup epochs,
