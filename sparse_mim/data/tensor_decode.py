@@ -124,7 +124,7 @@ class EncodedImages(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[EncodedItem, int]:
         generator = self.base.generator(index)
-        return first_readable(index, len(self), lambda i: self._item(i, generator), self.describe)
+        return first_readable(index, len(self), lambda i: self._item(i, generator), self.describe, self.name)
 
 
 class EncodedBatch:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from sparse_mim.convert import ConversionError, to_timm
 from sparse_mim.convert.archs import check_arch
+from sparse_mim.convert.errors import advice_for
 from sparse_mim.convert.sources import all_weights, read_checkpoint_file
 from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
 from sparse_mim.convert.verify import key_problems, shapes_of
@@ -88,7 +89,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
         encoder = to_timm(raw, arch)
         head = spark_head_state_dict(all_weights(raw))
     except ConversionError as e:
-        raise ConfigError(f"init_from={path}: {e}") from None
+        raise ConfigError(f"init_from={path}: {advice_for(e)}") from None
     if head:
         _check_head(head, model, path, spark_config)
 
