@@ -34,7 +34,7 @@ def _first_missing(path: Path) -> Optional[Path]:
 def check_output_dir(path: str | os.PathLike, error: Type[Exception], key: str = "output_dir") -> None:
     """Raise ``error`` (one line, naming the path and the fix) unless ``path`` can be created and
     written to. Probes by creating the missing folders and a temporary file, and removes both again,
-    so a refused run leaves nothing behind."""
+    so a refused run leaves nothing behind (under torchrun only rank 0, the one that writes, probes)."""
     path = Path(path).expanduser()
     fix = f"pass {key}=<a folder you can write>"
     for p in (path, *path.parents):
@@ -44,6 +44,8 @@ def check_output_dir(path: str | os.PathLike, error: Type[Exception], key: str =
                     f"{key}'s parent {p} is a file, not a folder"
                 raise error(f"{where}; {fix}")
             break
+    if os.environ.get("RANK", "0") != "0":
+        return  # only rank 0 writes the run's files; probes of several ranks would remove each other's
     created = _first_missing(path)
     try:
         path.mkdir(parents=True, exist_ok=True)

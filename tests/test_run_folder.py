@@ -198,3 +198,14 @@ def test_help_and_config_errors_answer_before_torch_is_imported(command):
     proc = subprocess.run([sys.executable, "-c", code], env=env(), capture_output=True, text=True, timeout=120)
     assert "unknown setting" in proc.stderr
     assert proc.stdout.splitlines()[-1] == "heavy: []"
+
+
+def test_a_finetune_split_without_a_readable_image_is_refused_before_the_run_folder_exists(tmp_path, capsys):
+    data = _labelled(tmp_path / "labelled")
+    for path in (data / "val").rglob("*.png"):
+        path.write_text("not an image")
+    out = tmp_path / "run"
+    assert main(["finetune", f"data.path={data}", "train.epochs=1", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "no readable image in 2 validation images" in err and str(data / "val" / "a") in err
+    assert not out.exists()

@@ -23,7 +23,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mim.convert.writers import atomic_write, remove_stale_temporaries
-from sparse_mim.data import build_loader, set_epoch
+from sparse_mim.data import build_loader, check_readable, set_epoch
 from sparse_mim.run_folder import RunFolder, check_output_dir
 from sparse_mim.train.checkpoint import load_checkpoint, rank_rng_state, rng_state, set_rng_state
 from sparse_mim.train.config import ConfigError, flatten, to_plain
@@ -83,6 +83,8 @@ def finetune(cfg: DictConfig) -> FinetuneResult:
     config = to_plain(cfg)
     check_output_dir(Path(config["output_dir"]).expanduser(), ConfigError)
     classes, train_samples, val_samples = find_splits(config["data"]["path"])
+    for samples, what in ((train_samples, "training images"), (val_samples, "validation images")):
+        check_readable(LabelledImages(samples, lambda image: image, description=what))  # names unreadable files
     keep = label_subset([label for _, label in train_samples], config["data"]["label_fraction"], _label_seed(config))
     info = init_distributed()
     try:
@@ -196,7 +198,6 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo, fol
     set_determinism(False)
     seed_everything(seed + info.rank)
     model, load_note = _build_model(config, len(classes))
-    _prepare_output(cfg, output_dir, info)
     model = model.to(info.device)
     model = wrap_model(model, info, sync_bn=train_cfg["sync_bn"] and mode == "finetune")
     bare = unwrap(model)
@@ -232,6 +233,7 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo, fol
         step = resumed_from = ckpt["step"]
         seconds_before = ckpt["seconds"]
         notes.append(f"resuming from {ckpt_path} at step {step} of {total_steps}")
+    _prepare_output(cfg, output_dir, info)  # after the checks: a refused resume leaves the folder as it was
 
     if step >= total_steps and summary_path.exists():
         summary = json.loads(summary_path.read_text())
