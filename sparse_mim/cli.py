@@ -152,9 +152,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         # training starts; before that, or after a second Ctrl-C, one line instead of a traceback
         from sparse_mim.run_folder import run_started
 
-        return _error(command, "aborted by a second Ctrl-C; the run continues from its last checkpoint when "
-                      "rerun with the same output_dir" if run_started() else
-                      "interrupted during start-up (Ctrl-C); nothing was written", 128 + signal.SIGINT)
+        if run_started():
+            message = "aborted by a second Ctrl-C; rerun with the same output_dir to continue from its last checkpoint"
+        elif command in ("pretrain", "finetune"):
+            message = "interrupted during start-up (Ctrl-C); nothing was written"
+        else:  # bench and convert write their files at the end (convert atomically)
+            message = "interrupted (Ctrl-C); nothing was written"
+        return _error(command, message, 128 + signal.SIGINT)
     except BrokenPipeError:
         # the reader went away (`sparse-mim pretrain --help | head`): stop quietly like other Unix
         # tools; stdout goes to devnull so the interpreter's final flush cannot fail again
