@@ -68,7 +68,8 @@ def first_readable(index: int, n: int, make: Callable[[int], Any], describe: Cal
         try:
             item = make(j)
         except Exception as e:  # noqa: BLE001 -- Pillow reports broken files with many exception types
-            failures.append(f"{name(j) if name else f'image {j}'} ({unreadable_reason(e)})")
+            where = name(j) if name else f"image {j}"
+            failures.append(f"{where} ({unreadable_reason(e, where)})")
             continue
         return item, (index if skipped else -1)
     raise unreadable_error(failures, n, index, describe())
@@ -83,9 +84,11 @@ def unreadable_error(failures: List[str], n: int, index: int, description: str) 
                      f"{shown}; check the files")
 
 
-def unreadable_reason(error: Exception) -> str:
-    """Why a file could not be read, in one line (Pillow's messages repeat the path)."""
+def unreadable_reason(error: Exception, path: Optional[str] = None) -> str:
+    """Why a file could not be read, in one line, without the ``path`` Pillow repeats in its messages."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if path:
+        text = text.replace(f" {str(path)!r}", "").replace(str(path), "the file")
     return text if len(text) <= 120 else text[:117] + "..."
 
 

@@ -127,7 +127,7 @@ class LabelledImages(Dataset):
                 with Image.open(path) as image:
                     image = image.convert("RGB")
             except Exception as e:  # noqa: BLE001 -- Pillow reports broken files with many exception types
-                failures.append(f"{path} ({unreadable_reason(e)})")
+                failures.append(f"{path} ({unreadable_reason(e, path)})")
                 continue
             return self._augment(image, index), label, skipped
         raise unreadable_error(failures, n, index, self.describe())
