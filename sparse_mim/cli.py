@@ -27,7 +27,7 @@ commands:
   bench [key=value ...]      benchmark the sparse encoder against SparK's masked-dense reference
 
 examples:
-  sparse-mim pretrain                                   # 180 steps on built-in demo images, ~5 min on 2 CPU cores
+  sparse-mim pretrain                                   # 180 steps on built-in demo images, ~3-4 min on 2 CPU cores
   sparse-mim pretrain data.path=/data/photos data.img_size=128 train.epochs=50
   sparse-mim pretrain preset=imagenet data.path=/data/imagenet model=resnet50
   sparse-mim finetune data.path=/data/imagenette weights=outputs/pretrain/resnet18/checkpoint.pth
