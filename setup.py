@@ -33,6 +33,7 @@ setup(
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
+        "torchcodec>=0.16",     # JPEG decoding of data.decode=tensor|gpu (torchvision.io's is deprecated)
         "timm>=1.0",
         "hydra-core>=1.3",
         "omegaconf>=2.3",

@@ -1,12 +1,18 @@
-"""sparse-mim: SparK masked image modelling for CNNs with a genuinely sparse encoder."""
-from .engine import (MaskedDenseTensor, PatchCoordinateManager, SiteCoordinateManager, SparseInputError,
-                     SparseTensor, execution)
+"""sparse-mim: SparK masked image modelling for CNNs with a genuinely sparse encoder.
 
-from .engine import UnsupportedLayerError
+The names below are imported on first use (``sparse_mim._lazy``): importing the package, or its
+command line, does not import torch.
+"""
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 __all__ = ["SparseTensor", "MaskedDenseTensor", "PatchCoordinateManager", "SiteCoordinateManager",
            "SparseInputError", "UnsupportedLayerError", "execution", "sparsify", "__version__"]
+
+__getattr__ = lazy_exports(__name__, globals(), {
+    ".engine": ["MaskedDenseTensor", "PatchCoordinateManager", "SiteCoordinateManager", "SparseInputError",
+                "SparseTensor", "UnsupportedLayerError", "execution"],
+})
 
 
 def sparsify(model, feature_modules=None):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -26,7 +27,7 @@ commands:
   bench [key=value ...]      benchmark the sparse encoder against SparK's masked-dense reference
 
 examples:
-  sparse-mim pretrain                                   # minutes on a CPU, built-in demo images
+  sparse-mim pretrain                                   # 180 steps on built-in demo images, ~3-4 min on 2 CPU cores
   sparse-mim pretrain data.path=/data/photos data.img_size=128 train.epochs=50
   sparse-mim pretrain preset=imagenet data.path=/data/imagenet model=resnet50
   sparse-mim finetune data.path=/data/imagenette weights=outputs/pretrain/resnet18/checkpoint.pth
@@ -44,12 +45,14 @@ def _error(command: str, message: object, code: int) -> int:
     return code
 
 
-def _training_command(command: str, argv: Sequence[str], compose: Callable, run: Callable, usage: str,
-                      bad_input: tuple) -> int:
+def _training_command(command: str, argv: Sequence[str], compose: Callable, load: Callable, usage: str) -> int:
     """A command configured by ``configs/<command>.yaml``: ``--help``, key=value overrides, one-line
-    errors (``bad_input`` exit 2, a non-finite loss exit 1) and 128 + signal when a signal stopped it."""
+    errors (bad input exit 2, a non-finite loss exit 1) and 128 + signal when a signal stopped it.
+
+    ``--help`` and config composition errors answer before ``load()`` imports the run (torch, timm):
+    it returns ``(run, exceptions that are bad input)``."""
     from sparse_mim.configs import help_text
-    from sparse_mim.train import ConfigError, NonFiniteLossError
+    from sparse_mim.train.config import ConfigError
 
     if any(a in ("-h", "--help") for a in argv):
         try:
@@ -63,7 +66,14 @@ def _training_command(command: str, argv: Sequence[str], compose: Callable, run:
         return _error(command, f"unknown option(s) {' '.join(options)}; settings are given as key=value "
                       f"(see sparse-mim {command} --help)", 2)
     try:
-        result = run(compose(argv))
+        cfg = compose(argv)
+    except ConfigError as e:
+        return _error(command, e, 2)
+    run, bad_input = load()
+    from sparse_mim.train.engine import NonFiniteLossError
+
+    try:
+        result = run(cfg)
     except (ConfigError, *bad_input) as e:
         return _error(command, e, 2)
     except NonFiniteLossError as e:
@@ -73,24 +83,35 @@ def _training_command(command: str, argv: Sequence[str], compose: Callable, run:
     return 0
 
 
-def pretrain(argv: Sequence[str]) -> int:
+def _load_pretrain():
     from sparse_mim.data import DataError
     from sparse_mim.engine import UnsupportedLayerError  # a model sparsify refuses (every layer / op listed)
-    from sparse_mim.train import compose_config, pretrain as run_pretrain
+    from sparse_mim.train.trainer import pretrain as run_pretrain
 
-    return _training_command("pretrain", argv, compose_config, run_pretrain,
+    return run_pretrain, (DataError, UnsupportedLayerError)
+
+
+def _load_finetune():
+    from sparse_mim.convert import ConversionError
+    from sparse_mim.data import DataError
+    from sparse_mim.finetune.run import finetune as run_finetune
+
+    return run_finetune, (DataError, ConversionError)
+
+
+def pretrain(argv: Sequence[str]) -> int:
+    from sparse_mim.train.config import compose_config
+
+    return _training_command("pretrain", argv, compose_config, _load_pretrain,
                              "usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; "
-                             "preset=imagenet for SparK's ImageNet recipe)", (DataError, UnsupportedLayerError))
+                             "preset=imagenet for SparK's ImageNet recipe)")
 
 
 def finetune(argv: Sequence[str]) -> int:
-    from sparse_mim.convert import ConversionError
-    from sparse_mim.data import DataError
-    from sparse_mim.finetune import compose_finetune_config, finetune as run_finetune
+    from sparse_mim.finetune.config import compose_finetune_config
 
-    return _training_command("finetune", argv, compose_finetune_config, run_finetune,
-                             "usage: sparse-mim finetune [key=value ...]   (Hydra overrides)",
-                             (DataError, ConversionError))
+    return _training_command("finetune", argv, compose_finetune_config, _load_finetune,
+                             "usage: sparse-mim finetune [key=value ...]   (Hydra overrides)")
 
 
 def convert(argv: Sequence[str]) -> int:
@@ -127,6 +148,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         code = COMMANDS[command](rest)
         sys.stdout.flush()
+    except KeyboardInterrupt:
+        # the run's own handler (first Ctrl-C: stop after this step and save) is installed only once
+        # training starts; before that, or after a second Ctrl-C, one line instead of a traceback
+        from sparse_mim.run_folder import run_started
+
+        if run_started():
+            message = "aborted by a second Ctrl-C; rerun with the same output_dir to continue from its last checkpoint"
+        elif command in ("pretrain", "finetune"):
+            message = "interrupted during start-up (Ctrl-C); nothing was written"
+        else:  # bench and convert write their files at the end (convert atomically)
+            message = "interrupted (Ctrl-C); nothing was written"
+        return _error(command, message, 128 + signal.SIGINT)
     except BrokenPipeError:
         # the reader went away (`sparse-mim pretrain --help | head`): stop quietly like other Unix
         # tools; stdout goes to devnull so the interpreter's final flush cannot fail again

@@ -85,3 +85,42 @@ def test_bad_settings_are_reported_together_with_exit_code_2(capsys):
     assert "resnet5" in err and "img_size" in err and "dtype" in err
     assert main(["execution_small_tiles=fast"]) == 2
     assert "execution_small_tiles" in capsys.readouterr().err
+
+
+def _fake_row(encoder_sparse_ms: float, step_sparse_ms: float) -> dict:
+    times = {"encoder": {"sparse": [encoder_sparse_ms - 1, encoder_sparse_ms, encoder_sparse_ms + 2],
+                         "dense": [20.0, 21.0, 25.0]},
+             "step": {"sparse": [step_sparse_ms - 1, step_sparse_ms, step_sparse_ms + 1],
+                      "dense": [40.0, 41.0, 42.0]}}
+    return {"model": "resnet18", "mask_ratio": 0.6, "len_keep": 2, "num_patches": 4, "visible_fraction": 0.5,
+            "times_ms": times, "time_ms": {w: {v: t[1] for v, t in ts.items()} for w, ts in times.items()},
+            "speedup": {"encoder": 2.0, "step": 1.5}, "maps_ms": 1.0, "maps_pct": 5.0, "maps_pct_of": "step",
+            "flops": {}, "memory_mb": {}}
+
+
+def _fake_info() -> dict:
+    machine = {"date": "today", "command": "sparse-mim bench", "cpu": "cpu", "cpu_count": 2, "torch": "x",
+               "threads": 2, "device": "cpu"}
+    settings = {"what": ["encoder", "step"], "batch_size": 2, "img_size": 64, "effective_dtype": "float32",
+                "warmup": 0, "repeats": 3, "execution": "auto", "channels_last": True}
+    return {"machine": machine, "settings": settings}
+
+
+def test_the_table_shows_each_time_with_the_spread_of_its_repeats():
+    from sparse_mim.bench.report import markdown
+
+    table = markdown(_fake_info(), [_fake_row(encoder_sparse_ms=10.0, step_sparse_ms=20.0)])
+    assert "| 10.0 (9.0-12.0) | 21.0 (20.0-25.0) | 2.00x |" in table
+    assert "| ok |" in table and "Warning" not in table
+
+
+def test_an_encoder_time_above_its_whole_step_is_flagged():
+    from sparse_mim.bench.report import consistency_warnings, flat_rows, markdown
+
+    row = _fake_row(encoder_sparse_ms=30.0, step_sparse_ms=20.0)
+    (warning,) = consistency_warnings(row)
+    assert "sparse encoder fwd+bwd 30.0 ms exceeds the whole step containing it (20.0 ms)" in warning
+    table = markdown(_fake_info(), [row])
+    assert "parts exceed the whole: see warnings" in table and f"- {warning}" in table
+    row["warnings"] = [warning]
+    assert flat_rows([row])[0]["warnings"] == warning

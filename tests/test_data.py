@@ -93,7 +93,7 @@ def test_truncated_jpeg_counts_as_unreadable(tmp_path):
 def test_all_images_unreadable_is_an_error_not_a_hang(tmp_path):
     for i in range(3):
         (tmp_path / f"bad{i}.jpg").write_bytes(b"\x00" * 10)
-    with pytest.raises(DataError, match="could not be read"):
+    with pytest.raises(DataError, match="no readable image in 3 images"):
         ImageFolder(tmp_path, _transform())[0]
 
 
@@ -224,3 +224,21 @@ def test_fewer_images_than_one_global_batch_is_an_error():
 def test_loader_length_is_the_same_number_of_steps_for_any_world_size():
     data = _indexed(103)
     assert {len(build_loader(data, 12, world_size=w, rank=0)) for w in (1, 2, 3, 4)} == {math.floor(103 / 12)}
+
+
+def test_a_folder_without_a_readable_image_names_its_files(tmp_path):
+    for i in range(2):
+        (tmp_path / f"bad{i}.jpg").write_text("not an image")
+    with pytest.raises(DataError, match="no readable image in 2 images") as e:
+        ImageFolder(tmp_path, _transform())[0]
+    assert str(tmp_path / "bad0.jpg") in str(e.value) and str(tmp_path / "bad1.jpg") in str(e.value)
+
+
+def test_too_many_consecutive_unreadable_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.setattr("sparse_mim.data.datasets.MAX_CONSECUTIVE_UNREADABLE", 2)
+    make_images(tmp_path, 4)
+    for name in ("img_001.png", "img_002.png"):
+        (tmp_path / name).write_bytes(b"broken")
+    with pytest.raises(DataError, match="2 consecutive images from index 1 could not be read") as e:
+        ImageFolder(tmp_path, _transform())[1]
+    assert f"{tmp_path / 'img_001.png'} (" in str(e.value) and f"{tmp_path / 'img_002.png'} (" in str(e.value)

@@ -229,3 +229,22 @@ def test_torchrun_finetune_matches_one_process_and_gathers_the_whole_val_split(d
     assert s2["images"] == 12 and np.asarray(s2["confusion"]).sum() == 12
     assert s2["top1"] == pytest.approx(s1["top1"], abs=100 / 12 + 1e-9)  # at most one image may flip
     assert not any(k.startswith("module.") for k in load_finetune_checkpoint(tmp_path / "two" / "checkpoint.pth")["model"])
+
+
+def test_a_warmup_not_shorter_than_the_run_is_cut_to_half_of_it_and_said(dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = finetune(_cfg(dataset, out, "train.epochs=1", "train.warmup_epochs=3"))
+    assert result.finished
+    assert ("train.warmup_epochs=3 is not shorter than the run (train.epochs=1): warming up for 0.5 epochs "
+            "(half the run) instead") in capsys.readouterr().out
+    lrs = [r["lr"] for r in metrics(out) if "lr" in r]  # 4 steps: 2 of warmup from 1e-6, then the cosine
+    assert lrs[0] == pytest.approx(1e-6) and lrs[0] < lrs[1] and lrs[3] < lrs[2]
+
+
+def test_the_linear_probe_reports_its_new_head_as_initialised_fresh(pretrained_export):
+    from sparse_mim.finetune.run import _build_model
+
+    config = {"model": "resnet18", "weights": str(pretrained_export[0]), "mode": "linear",
+              "train": {"drop_path_rate": 0.0}}
+    _, note = _build_model(config, 3)
+    assert note.endswith("initialised fresh: head.1.weight, head.1.bias")

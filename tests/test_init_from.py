@@ -168,3 +168,20 @@ def test_pretrain_logs_what_init_from_loaded_and_a_resume_wins(tmp_path, capsys)
     result = pretrain(compose_config(args))  # the checkpoint exists: resume, init_from is not used
     assert result.resumed_from == 1
     assert "not used: resuming" in capsys.readouterr().out
+
+
+def test_an_arch_mismatch_names_the_model_setting_not_the_convert_option(tmp_path):
+    path = tmp_path / "encoder_resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in _source().encoder.state_dict().items()}, str(path),
+              metadata={"arch": "resnet18", "key_names": "timm"})
+    with pytest.raises(ConfigError, match="pass model=resnet18") as e:
+        init_from(_fresh("resnet34"), path, "resnet34")
+    assert "--arch" not in str(e.value)
+
+
+def test_a_key_mismatch_names_the_model_setting_not_the_convert_option(tmp_path):
+    path = tmp_path / "encoder.safetensors"  # no arch recorded: the keys decide
+    save_file({k: v.contiguous() for k, v in _source().encoder.state_dict().items()}, str(path))
+    with pytest.raises(ConfigError, match=r"model=NAME\) is the one that was pretrained") as e:
+        init_from(_fresh("resnet34"), path, "resnet34")
+    assert "--arch" not in str(e.value)

@@ -159,3 +159,15 @@ def test_cuda_decoding_gives_the_cpu_crops(tmp_path):
     diff = (cpu - cuda).abs()
     # nvJPEG's IDCT and upsampling may differ from libjpeg-turbo's by a grey level or two
     assert diff.max() <= 3.05 * GREY and diff.mean() < 0.5 * GREY
+
+
+@pytest.mark.parametrize("decode", ["tensor", "gpu"])
+def test_decoding_uses_no_deprecated_torchvision_image_api(tmp_path, decode):
+    import warnings
+
+    _photos(tmp_path, count=2, ext=".jpg")
+    _, dataset = _pair(tmp_path, decode=decode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        images, _ = _batch(dataset, [0, 1])
+    assert images.shape == (2, 3, 64, 64)

@@ -475,3 +475,45 @@ def test_a_sparsify_prefixed_run_converts_like_timms_model_with_the_same_weights
         assert written.keys() == expected.keys()
         assert all((written[k] == expected[k]).all() for k in expected)
     assert convert_main([str(export), "--to", "timm", "--out", str(tmp_path / "timm.safetensors")]) == 0
+
+
+def _bar_states(stderr: str) -> list:
+    """(steps done, loss shown) of every progress bar drawing in ``stderr``."""
+    import re
+
+    return [(int(m[1]), float(m[2])) for m in re.finditer(r"\| (\d+)/\d+ \[[^\]]*loss=([0-9.]+)", stderr)]
+
+
+def test_the_progress_bar_shows_each_steps_own_loss_to_the_end(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    pretrain(_config(images, out, "train.max_steps=3"))
+    shown = _bar_states(capsys.readouterr().err)
+    logged = {r["step"]: round(r["loss"], 4) for r in metrics(out)}
+    assert shown and shown[-1][0] == 3
+    assert all(loss == logged[step] for step, loss in shown if step > 0), (shown, logged)
+
+
+def test_loss_curve_and_reconstruction_are_written_with_every_checkpoint(images, tmp_path, monkeypatch):
+    """4 steps per epoch, a checkpoint every 2 steps; the run breaks at step 3, before any epoch end."""
+    from sparse_mim.train.monitor import Monitor
+
+    log_step = Monitor.log_step
+
+    def breaks_at_step_3(self, metrics, write=True):
+        if metrics["step"] == 3:
+            raise RuntimeError("killed at step 3")
+        log_step(self, metrics, write)
+
+    monkeypatch.setattr(Monitor, "log_step", breaks_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed at step 3"):
+        pretrain(_config(images, out, "train.batch_size=2", "train.max_steps=3", "train.save_every_steps=2"))
+    assert (out / "loss_curve.png").stat().st_size > 0
+    assert [p.name for p in (out / "reconstructions").iterdir()] == ["step_0000002.png"]
+
+
+def test_the_effective_mask_ratio_is_printed_once_at_the_start(images, tmp_path, capsys):
+    pretrain(_config(images, tmp_path / "run", "train.max_steps=1", "mask_ratio=0.6"))
+    printed = capsys.readouterr().out
+    assert printed.count("mask: ") == 1
+    assert "mask: 2 of 4 patches hidden per image (effective ratio 0.50; asked 0.60)" in printed

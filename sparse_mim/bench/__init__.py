@@ -17,18 +17,14 @@ from __future__ import annotations
 import sys
 from typing import List
 
+from sparse_mim.run_folder import check_output_dir
+
 __all__ = ["main"]
 
 
 def main(overrides: List[str]) -> int:
     """Run the benchmark with Hydra ``key=value`` overrides of configs/bench.yaml; return the exit code."""
-    import torch
-    from omegaconf import OmegaConf
-
     from .config import CONFIG_NAME, BenchConfigError, compose_bench_config, resolve
-    from .machine import load_average, machine_info
-    from .report import write_all
-    from .runner import run_all
 
     help_asked = any(a in ("-h", "--help") for a in overrides)
     overrides = [a for a in overrides if a not in ("-h", "--help")]
@@ -40,9 +36,17 @@ def main(overrides: List[str]) -> int:
             print(help_text(CONFIG_NAME, cfg, "usage: sparse-mim bench [key=value ...]   (Hydra overrides)"), end="")
             return 0
         settings = resolve(cfg)
+        check_output_dir(settings.output_dir, BenchConfigError)
     except BenchConfigError as e:
         print(f"sparse-mim bench: error: {e}", file=sys.stderr)
         return 2
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from .machine import load_average, machine_info
+    from .report import write_all
+    from .runner import run_all
 
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)

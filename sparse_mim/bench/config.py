@@ -9,18 +9,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
-from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
 CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
 WHAT = ("encoder", "step", "loader")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "bfloat16")
 PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
 
@@ -75,6 +73,8 @@ def compose_bench_config(overrides: Sequence[str] = ()) -> DictConfig:
 
 
 def device_name_is_cpu(c) -> bool:
+    import torch
+
     return str(c["device"]) == "cpu" or (str(c["device"]) == "auto" and not torch.cuda.is_available())
 
 
@@ -82,7 +82,9 @@ def _as_list(v) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str) -> "torch.device":
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -99,6 +101,8 @@ def _device(name: str) -> torch.device:
 def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
     from backbones import is_backbone, list_backbones
+
+    from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
 
     c = OmegaConf.to_container(cfg, resolve=True)
     errors: List[str] = []

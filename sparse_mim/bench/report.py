@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-__all__ = ["markdown", "flat_rows", "write_json", "write_csv", "plot", "write_all"]
+__all__ = ["markdown", "flat_rows", "write_json", "write_csv", "plot", "write_all", "consistency_warnings"]
 
 GIGA = 1e9
 
@@ -24,6 +24,34 @@ def _get(row: Dict[str, Any], *keys) -> Optional[Any]:
             return None
         row = row[key]
     return row
+
+
+def _timed(row: Dict[str, Any], what: str, variant: str) -> str:
+    """A time cell: the median and, from the repeats, the spread, ``12.3 (11.9-13.0)``."""
+    median = _get(row, "time_ms", what, variant)
+    times = _get(row, "times_ms", what, variant)
+    if median is None or not times or len(times) < 2:
+        return _num(median)
+    return f"{_num(median)} ({_num(min(times))}-{_num(max(times))})"
+
+
+def consistency_warnings(row: Dict[str, Any]) -> List[str]:
+    """Where a configuration's parts do not add up: an encoder-only time above the whole step that
+    contains it, or mask/map building above the time it is a part of. Both mean the timing was
+    disturbed (a loaded machine), not that the code got faster or slower."""
+    where = f"{row['model']} mask {row['mask_ratio']:g}"
+    out = []
+    for variant in ("sparse", "dense", "minkowski"):
+        encoder, step = _get(row, "time_ms", "encoder", variant), _get(row, "time_ms", "step", variant)
+        if encoder is not None and step is not None and encoder > step:
+            out.append(f"{where}: {variant} encoder fwd+bwd {encoder:.1f} ms exceeds the whole step containing "
+                       f"it ({step:.1f} ms)")
+    base = row.get("maps_pct_of")
+    whole = _get(row, "time_ms", base, "sparse") if base else None
+    if row.get("maps_ms") is not None and whole is not None and row["maps_ms"] > whole:
+        out.append(f"{where}: masks + coordinate maps {row['maps_ms']:.1f} ms exceed the sparse {base} containing "
+                   f"them ({whole:.1f} ms)")
+    return out
 
 
 def _header(info: Dict[str, Any]) -> List[str]:
@@ -71,20 +99,21 @@ def _time_table(rows: List[Dict[str, Any]], what: List[str]) -> List[str]:
     head += ["masks+maps ms (% of sparse)"] + (["masks+maps minkowski ms"] if me else [])
     for w in what:
         head += [f"peak MB {w} {' / '.join(variants)}"]
+    head += ["check"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["model"], f"{r['mask_ratio']:g}", f"{r['len_keep']}/{r['num_patches']}"]
         for w in what:
-            cells += [_num(_get(r, "time_ms", w, "sparse")), _num(_get(r, "time_ms", w, "dense")),
-                      _num(_get(r, "speedup", w), "{:.2f}x")]
+            cells += [_timed(r, w, "sparse"), _timed(r, w, "dense"), _num(_get(r, "speedup", w), "{:.2f}x")]
             if me:
-                cells += [_num(_get(r, "time_ms", w, "minkowski")),
+                cells += [_timed(r, w, "minkowski"),
                           _num(_get(r, "minkowski_over_sparse", w), "{:.2f}x")]
         cells += [f"{_num(r.get('maps_ms'))} ({_num(r.get('maps_pct'))}% of {r.get('maps_pct_of', '-')})"]
         if me:
             cells += [_num(r.get("maps_ms_minkowski"))]
         for w in what:
             cells += [" / ".join(_num(_get(r, "memory_mb", w, v), "{:.0f}") for v in variants)]
+        cells += ["parts exceed the whole: see warnings" if consistency_warnings(r) else "ok"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -110,15 +139,22 @@ def _flop_table(rows: List[Dict[str, Any]]) -> List[str]:
 def markdown(info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     what = info["settings"]["what"]
     lines = _header(info)
-    lines += ["", "## Wall time (median ms) and peak memory; speedup = dense / sparse", ""]
+    lines += ["", "## Wall time (median ms, min-max of the repeats in brackets) and peak memory; "
+                  "speedup = dense / sparse", ""]
     lines += _time_table(rows, what)
+    warnings = [w for r in rows for w in consistency_warnings(r)]
+    if warnings:
+        lines += ["", "Warning: these results do not add up, so the machine was disturbed while timing them; "
+                      "rerun on a quiet machine (or with more repeats) before using them:", ""]
+        lines += [f"- {w}" for w in warnings]
     lines += ["", "## Executed FLOPs (torch.utils.flop_counter; ratio = sparse / dense)", ""]
     lines += _flop_table(rows)
     return "\n".join(lines) + "\n"
 
 
 def flat_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """One CSV row per configuration: nested results as dotted column names (lists left out)."""
+    """One CSV row per configuration: nested results as dotted column names (lists left out, the repeats
+    as their min and max, the warnings joined)."""
     out = []
     for r in rows:
         flat: Dict[str, Any] = {}
@@ -131,6 +167,12 @@ def flat_rows(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
                 flat[prefix[:-1]] = value
 
         walk("", {k: v for k, v in r.items() if k != "times_ms"})
+        for what, variants in r.get("times_ms", {}).items():
+            for variant, times in variants.items():
+                if times:
+                    flat[f"time_ms_min.{what}.{variant}"] = min(times)
+                    flat[f"time_ms_max.{what}.{variant}"] = max(times)
+        flat["warnings"] = "; ".join(r.get("warnings") or [])
         out.append(flat)
     return out
 
@@ -197,6 +239,8 @@ def plot(path: Path, info: Dict[str, Any], rows: List[Dict[str, Any]]) -> None:
 def write_all(output_dir: Path, info: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """Write every output; return the Markdown report."""
     output_dir.mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        r["warnings"] = consistency_warnings(r)
     text = markdown(info, rows)
     (output_dir / "results.md").write_text(text)
     write_json(output_dir / "results.json", info, rows)

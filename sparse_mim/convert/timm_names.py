@@ -71,7 +71,7 @@ def to_timm(src: str | os.PathLike | Mapping, arch: str) -> dict[str, torch.Tens
     if problems:
         raise ConversionError(
             f"encoder weights do not match timm {arch!r} (classifier excluded): {problems}\n"
-            f"Check that --arch names the backbone that was pretrained, and that the checkpoint is "
+            f"Check that the backbone given (--arch NAME) is the one that was pretrained, and that the checkpoint is "
             f"a sparse-mim pretraining checkpoint or encoder export."
         )
     return {k: state_dict[k] for k in expected}

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "build_dataset", "find_images",
-           "first_readable", "sample_seed"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "build_dataset", "check_readable",
+           "find_images", "first_readable", "sample_seed", "unreadable_error", "unreadable_reason"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: How many consecutive unreadable files one item may skip before the dataset gives up.
@@ -57,17 +57,45 @@ def find_images(path: str | os.PathLike) -> Tuple[Path, List[Path]]:
     return root, files
 
 
-def first_readable(index: int, n: int, make: Callable[[int], Any], describe: Callable[[], str]) -> Tuple[Any, int]:
+def first_readable(index: int, n: int, make: Callable[[int], Any], describe: Callable[[], str],
+                   name: Optional[Callable[[int], str]] = None) -> Tuple[Any, int]:
     """``(make(index), -1)``, or ``(make(j), index)`` for the first later ``j`` (cyclically) that ``make``
-    does not fail on; ``DataError`` after ``MAX_CONSECUTIVE_UNREADABLE`` failures in a row."""
+    does not fail on; ``DataError`` naming the files (``name(j)``) after ``MAX_CONSECUTIVE_UNREADABLE``
+    failures in a row, or when no image at all can be read."""
+    failures = []
     for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
+        j = (index + skipped) % n
         try:
-            item = make((index + skipped) % n)
-        except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+            item = make(j)
+        except Exception as e:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+            where = name(j) if name else f"image {j}"
+            failures.append(f"{where} ({unreadable_reason(e, where)})")
             continue
         return item, (index if skipped else -1)
-    raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} "
-                    f"could not be read ({describe()}); check the files")
+    raise unreadable_error(failures, n, index, describe())
+
+
+def unreadable_error(failures: List[str], n: int, index: int, description: str) -> DataError:
+    """The error for ``failures`` ("file (why)") in a row from ``index`` among ``n`` images."""
+    shown = "; ".join(failures[:3]) + (f"; and {len(failures) - 3} more" if len(failures) > 3 else "")
+    if len(failures) == n:
+        return DataError(f"no readable image in {description}: {shown}; check the files or data.path")
+    return DataError(f"{len(failures)} consecutive images from index {index} could not be read ({description}): "
+                     f"{shown}; check the files")
+
+
+def unreadable_reason(error: Exception, path: Optional[str] = None) -> str:
+    """Why a file could not be read, in one line, without the ``path`` Pillow repeats in its messages."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if path:
+        text = text.replace(f" {str(path)!r}", "").replace(str(path), "the file")
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_readable(dataset) -> None:
+    """Raise ``DataError`` naming the files when none of the images ``dataset[0]`` may fall back to
+    can be read: found before a run creates its output folder, not at its first step."""
+    dataset[0]
 
 
 class AugmentedImages(Dataset):
@@ -97,7 +125,7 @@ class AugmentedImages(Dataset):
         return f"image {index}"
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
-        image, unreadable = first_readable(index, len(self), self.load, self.describe)
+        image, unreadable = first_readable(index, len(self), self.load, self.describe, self.name)
         return self.transform(image, self.generator(index)), unreadable
 
     def generator(self, index: int) -> torch.Generator:

@@ -3,20 +3,30 @@ before anything is loaded."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mim.configs import compose, is_int
 from sparse_mim.train.config import ConfigError, flatten
 
-__all__ = ["MODES", "compose_finetune_config", "validate_finetune_config"]
+__all__ = ["MODES", "compose_finetune_config", "validate_finetune_config", "effective_warmup"]
 
 MODES = ("finetune", "linear", "knn")
 
 
 def compose_finetune_config(overrides: Sequence[str] = ()) -> DictConfig:
     return compose("finetune", overrides, ConfigError, "")
+
+
+def effective_warmup(warmup_epochs: float, epochs: int) -> Tuple[float, Optional[str]]:
+    """``(warmup epochs used, note)``: a warmup not shorter than the run (the default 3 epochs in a first
+    ``train.epochs=1`` try) would never reach the peak lr, so it is cut to half the run, and the note says so."""
+    if warmup_epochs < epochs:
+        return warmup_epochs, None
+    used = epochs / 2
+    return used, (f"train.warmup_epochs={warmup_epochs:g} is not shorter than the run (train.epochs={epochs}): "
+                  f"warming up for {used:g} epoch{'s' if used != 1 else ''} (half the run) instead")
 
 
 def _number(value) -> bool:
@@ -68,8 +78,9 @@ def validate_finetune_config(cfg: DictConfig, world_size: int = 1) -> None:
                        ("augment.mixup", a.mixup), ("augment.cutmix", a.cutmix)):
         if not _number(value) or value < 0:
             errors.append(f"{key} must be a number >= 0, got {value!r}")
-    if not _number(t.warmup_epochs) or not 0 <= t.warmup_epochs < max(t.epochs if is_int(t.epochs) else 1, 1):
-        errors.append(f"train.warmup_epochs must lie in [0, train.epochs), got {t.warmup_epochs!r}")
+    if not _number(t.warmup_epochs) or t.warmup_epochs < 0:
+        errors.append(f"train.warmup_epochs must be a number >= 0 (a warmup not shorter than the run is cut to "
+                      f"half of it), got {t.warmup_epochs!r}")
     if t.layer_decay is not None and (not _number(t.layer_decay) or not 0 < t.layer_decay <= 1):
         errors.append(f"train.layer_decay must be null or in (0, 1], got {t.layer_decay!r}")
     if not _number(t.drop_path_rate) or not 0 <= t.drop_path_rate < 1:

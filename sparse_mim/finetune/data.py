@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from sparse_mim.data import IMAGE_EXTENSIONS, DataError
-from sparse_mim.data.datasets import MAX_CONSECUTIVE_UNREADABLE, sample_seed
+from sparse_mim.data.datasets import MAX_CONSECUTIVE_UNREADABLE, sample_seed, unreadable_error, unreadable_reason
 
 __all__ = ["LabelledImages", "find_splits", "label_subset", "build_transforms"]
 
@@ -120,16 +120,17 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
         n = len(self)
+        failures = []
         for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
             path, label = self.samples[(index + skipped) % n]
             try:
                 with Image.open(path) as image:
                     image = image.convert("RGB")
-            except Exception:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+            except Exception as e:  # noqa: BLE001 -- Pillow reports broken files with many exception types
+                failures.append(f"{path} ({unreadable_reason(e, path)})")
                 continue
             return self._augment(image, index), label, skipped
-        raise DataError(f"{min(n, MAX_CONSECUTIVE_UNREADABLE)} consecutive images from index {index} could not "
-                        f"be read ({self.describe()}); check the files")
+        raise unreadable_error(failures, n, index, self.describe())
 
 
 def build_transforms(data_cfg: dict, augment_cfg: dict) -> Tuple[Callable, Callable]:

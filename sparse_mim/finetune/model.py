@@ -38,8 +38,12 @@ def _load(model: nn.Module, arch: str, weights: Optional[str]) -> LoadReport:
     if weights is None:
         return LoadReport(None)
     from sparse_mim.convert import ConversionError, to_timm
+    from sparse_mim.convert.errors import advice_for
 
-    state = to_timm(str(weights), arch)
+    try:
+        state = to_timm(str(weights), arch)
+    except ConversionError as e:
+        raise ConversionError(f"weights={weights}: {advice_for(e)}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     head = {k for k in model.state_dict() if k.startswith(("fc.", "head.", "classifier."))}
     if unexpected or set(missing) - head:

@@ -23,7 +23,8 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mim.convert.writers import atomic_write, remove_stale_temporaries
-from sparse_mim.data import build_loader, set_epoch
+from sparse_mim.data import build_loader, check_readable, set_epoch
+from sparse_mim.run_folder import RunFolder, check_output_dir
 from sparse_mim.train.checkpoint import load_checkpoint, rank_rng_state, rng_state, set_rng_state
 from sparse_mim.train.config import ConfigError, flatten, to_plain
 from sparse_mim.train.distributed import (DistInfo, all_gather_objects, all_reduce_max, all_reduce_mean, barrier,
@@ -32,7 +33,7 @@ from sparse_mim.train.engine import NonFiniteLossError
 from sparse_mim.train.monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
 from sparse_mim.train.run_control import StopRequest, seed_everything, set_determinism
 
-from .config import validate_finetune_config
+from .config import effective_warmup, validate_finetune_config
 from .data import LabelledImages, build_transforms, find_splits, label_subset
 from .evaluate import accuracy_summary, knn_classify, run_over, save_confusion_png
 from .model import LinearProbe, build_classifier, build_feature_extractor
@@ -80,19 +81,22 @@ def finetune(cfg: DictConfig) -> FinetuneResult:
     """Run (or resume) the fine-tuning, linear probe or kNN evaluation described by ``cfg``."""
     validate_finetune_config(cfg, env_world_size())
     config = to_plain(cfg)
+    check_output_dir(Path(config["output_dir"]).expanduser(), ConfigError)
     classes, train_samples, val_samples = find_splits(config["data"]["path"])
+    for samples, what in ((train_samples, "training images"), (val_samples, "validation images")):
+        check_readable(LabelledImages(samples, lambda image: image, description=what))  # names unreadable files
     keep = label_subset([label for _, label in train_samples], config["data"]["label_fraction"], _label_seed(config))
     info = init_distributed()
     try:
         runner = _knn if config["mode"] == "knn" else _train
-        return runner(cfg, config, classes, [train_samples[i] for i in keep], val_samples, info)
+        with RunFolder(Path(config["output_dir"]).expanduser(), active=info.is_main) as folder:
+            return runner(cfg, config, classes, [train_samples[i] for i in keep], val_samples, info, folder)
     finally:
         shutdown()
 
 
 def _prepare_output(cfg: DictConfig, output_dir: Path, info: DistInfo) -> None:
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ConfigError(f"output_dir {output_dir} is a file; pass a folder for the run's outputs")
+    """The run folder with config.yaml: made once everything that can fail at start-up has been checked."""
     if info.is_main:
         remove_stale_temporaries(output_dir)  # of saves a killed run left behind
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -115,13 +119,13 @@ def _finish(summary: Dict[str, Any], classes, output_dir: Path, config: Dict[str
 
 
 # -- kNN ---------------------------------------------------------------------------------------------
-def _knn(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> FinetuneResult:
+def _knn(cfg, config, classes, train_samples, val_samples, info: DistInfo, folder: RunFolder) -> FinetuneResult:
     start = time.perf_counter()
     data_cfg, arch = config["data"], config["model"]
     output_dir = Path(config["output_dir"]).expanduser().resolve()
-    _prepare_output(cfg, output_dir, info)
     torch.manual_seed(config["train"]["seed"])  # the random init of a scratch backbone
     model, report = build_feature_extractor(arch, config["weights"])
+    _prepare_output(cfg, output_dir, info)
     model = model.to(info.device).eval()
     if info.is_main:
         print(report.describe(), flush=True)
@@ -133,6 +137,7 @@ def _knn(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> Fi
     scores = knn_classify(train_feats, train_labels, val_feats, len(classes), config["knn"]["k"],
                           config["knn"]["temperature"])
     summary = accuracy_summary(scores, val_labels, classes)
+    folder.started()
     summary = _finish(summary, classes, output_dir, config, f"kNN (k={config['knn']['k']}), {arch}",
                       time.perf_counter() - start, {"train_images": len(train_samples)}, info)
     return FinetuneResult(output_dir, summary, 0, 0, None, [])
@@ -143,7 +148,9 @@ def _build_model(config: Dict[str, Any], num_classes: int) -> tuple[nn.Module, s
     arch, weights, train_cfg = config["model"], config["weights"], config["train"]
     if config["mode"] == "linear":
         backbone, report = build_feature_extractor(arch, weights)
-        return LinearProbe(backbone, num_classes), report.describe()
+        probe = LinearProbe(backbone, num_classes)
+        report.fresh += [f"head.{name}" for name, _ in probe.head.named_parameters()]  # the probe's new head
+        return probe, report.describe()
     model, report = build_classifier(arch, num_classes, weights, train_cfg["drop_path_rate"])
     return model, report.describe()
 
@@ -178,7 +185,7 @@ def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path) -
                           + "; ".join(clashes) + "). Restore them, or use a new output_dir")
 
 
-def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> FinetuneResult:
+def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo, folder: RunFolder) -> FinetuneResult:
     from timm.scheduler import create_scheduler_v2
 
     start_time = time.perf_counter()
@@ -187,7 +194,6 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     output_dir = Path(config["output_dir"]).expanduser().resolve()
     ckpt_path = output_dir / CHECKPOINT_NAME
     summary_path = output_dir / SUMMARY_NAME
-    _prepare_output(cfg, output_dir, info)
 
     set_determinism(False)
     seed_everything(seed + info.rank)
@@ -204,14 +210,17 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     loader = build_loader(train_set, train_cfg["batch_size"], info.world_size, info.rank, data_cfg["num_workers"], seed)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * train_cfg["epochs"]
+    warmup_epochs, warmup_note = effective_warmup(train_cfg["warmup_epochs"], train_cfg["epochs"])
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=train_cfg["epochs"],
-                                       warmup_epochs=train_cfg["warmup_epochs"], warmup_lr=train_cfg["warmup_lr"],
+                                       warmup_epochs=warmup_epochs, warmup_lr=train_cfg["warmup_lr"],
                                        min_lr=train_cfg["min_lr"], step_on_epochs=False,
                                        updates_per_epoch=steps_per_epoch)
     mixup, criterion = _criterion(config["augment"], len(classes))
 
     notes = [load_note, f"data: {train_set.describe()} (label_fraction {data_cfg['label_fraction']}), "
                         f"{val_set.describe()}; {steps_per_epoch} steps per epoch of {train_cfg['batch_size']}"]
+    if warmup_note:
+        notes.append(warmup_note)
     step, seconds_before, resumed_from = 0, 0.0, None
     if ckpt_path.exists():
         ckpt = load_finetune_checkpoint(ckpt_path)
@@ -224,6 +233,7 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
         step = resumed_from = ckpt["step"]
         seconds_before = ckpt["seconds"]
         notes.append(f"resuming from {ckpt_path} at step {step} of {total_steps}")
+    _prepare_output(cfg, output_dir, info)  # after the checks: a refused resume leaves the folder as it was
 
     if step >= total_steps and summary_path.exists():
         summary = json.loads(summary_path.read_text())
@@ -260,6 +270,7 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
     losses: List[float] = []
     stopped_by: Optional[int] = None
     summary = None
+    folder.started()
     try:
         with StopRequest(announce=info.is_main) as stop:
             while step < total_steps and stopped_by is None:
@@ -307,7 +318,9 @@ def _train(cfg, config, classes, train_samples, val_samples, info: DistInfo) -> 
                     monitor.log_eval({"step": step, "epoch": step // steps_per_epoch,
                                       "val_top1": result["top1"], "val_top5": result["top5"]})
                 save()
+                monitor.resume_progress()  # evaluation and saving are not training time
             if step >= total_steps:
+                monitor.end_progress()
                 result = evaluate()
                 monitor.log_eval({"step": step, "epoch": step // steps_per_epoch,
                                   "val_top1": result["top1"], "val_top5": result["top5"]})

@@ -10,11 +10,7 @@ from typing import Any, Dict, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from sparse_mim.data.tensor_decode import DECODERS
-
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
-from .distributed import GRAD_SYNCS
-from .methods import method_errors
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
 
@@ -75,6 +71,10 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     """
     from backbones import create_backbone, is_backbone
     from backbones.registry import UnknownBackboneError
+    from sparse_mim.data.tensor_decode import DECODERS
+
+    from .distributed import GRAD_SYNCS
+    from .methods import method_errors
 
     missing = [k for k, v in flatten(OmegaConf.to_container(cfg, resolve=False)).items() if v == "???"]
     if missing:

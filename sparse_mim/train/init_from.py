@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from sparse_mim.convert import ConversionError, to_timm
 from sparse_mim.convert.archs import check_arch
+from sparse_mim.convert.errors import advice_for
 from sparse_mim.convert.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
 from sparse_mim.convert.sources import all_weights, read_checkpoint_file
 from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
@@ -107,7 +108,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
         weights = all_weights(raw)
         head = fcmae_head_state_dict(weights) if _is_fcmae(model) else spark_head_state_dict(weights)
     except ConversionError as e:
-        raise ConfigError(f"init_from={path}: {e}") from None
+        raise ConfigError(f"init_from={path}: {advice_for(e)}") from None
     if head:
         _check_head(head, model, path, spark_config)
 

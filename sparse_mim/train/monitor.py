@@ -57,12 +57,12 @@ class Monitor:
         """Advance the bar; with ``write``, append ``metrics`` to metrics.jsonl and TensorBoard."""
         if not self.active:
             return
-        self.bar.update(1)
         postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
                    "img_s": f"{metrics['images_per_sec']:.1f}"}
         if "data_wait" in metrics:  # share of the step spent waiting for the batch
             postfix["data"] = f"{100 * metrics['data_wait']:.0f}%"
-        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.set_postfix(postfix, refresh=False)  # before update(), which draws: this step's numbers
+        self.bar.update(1)
         if write:
             self._metrics.write(json.dumps(metrics) + "\n")
             self._metrics.flush()
@@ -99,10 +99,20 @@ class Monitor:
         return save_reconstruction_png(grid, len(pictures["input"]),
                                        self.output_dir / RECONSTRUCTION_DIR / f"{name}.png", title)
 
+    def end_progress(self) -> None:
+        """Draw the bar a last time and leave it (before a final evaluation, whose time is not a step's)."""
+        if self.active:
+            self.bar.close()
+
+    def resume_progress(self) -> None:
+        """After a pause (an evaluation between epochs): its time does not count into the bar's s/it."""
+        if self.active and not self.bar.disable:
+            self.bar.unpause()
+
     def close(self) -> None:
         if not self.active:
             return
-        self.bar.close()
+        self.bar.close()  # a no-op after end_progress()
         self._metrics.close()
         self.tb.close()
 

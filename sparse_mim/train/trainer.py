@@ -24,8 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import default_collate
 
 from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build_transform, check_batch_fits,
-                             set_epoch)
+                             check_readable, set_epoch)
+from sparse_mim.run_folder import RunFolder, check_output_dir
 from sparse_mim.spark.graphed import GraphedSparK
+from sparse_mim.spark.masking import len_keep
 
 from sparse_mim.convert.writers import remove_stale_temporaries
 
@@ -138,34 +140,37 @@ def _reconstruct(model: torch.nn.Module, images: torch.Tensor, seed: int) -> Dic
         bare.train()
 
 
+def _mask_note(img_size: int, model, mask_ratio: float) -> str:
+    """How many patches each image really hides: the method rounds the visible count (SparK: 0.6 of 2x2 is 2 of 4)."""
+    n = (img_size // model.patch_size) ** 2
+    keep = model.len_keep(n) if hasattr(model, "len_keep") else len_keep(n, mask_ratio)
+    hidden = n - keep
+    return (f"mask: {hidden} of {n} patches hidden per image (effective ratio {hidden / n:.2f}; "
+            f"asked {mask_ratio:.2f})")
+
+
 def pretrain(cfg: DictConfig) -> PretrainResult:
     """Run (or resume) the pretraining described by ``cfg`` (see configs/pretrain.yaml)."""
     validate_config(cfg, env_world_size())
     config = to_plain(cfg)
-    _check_output_dir(Path(config["output_dir"]).expanduser())
+    output_dir = Path(config["output_dir"]).expanduser()
+    check_output_dir(output_dir, ConfigError)
     data_cfg, train_cfg = config["data"], config["train"]
     dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"], data_cfg["crop_scale"]),
                             seed=train_cfg["seed"],
                             decode=data_cfg["decode"])
+    check_readable(dataset)
     check_batch_fits(dataset, train_cfg["batch_size"])
     info = init_distributed()
     try:
-        return _run(cfg, config, dataset, info)
+        with RunFolder(output_dir, active=info.is_main) as folder:
+            return _run(cfg, config, dataset, info, folder)
     finally:
         shutdown()
 
 
-def _check_output_dir(output_dir: Path) -> None:
-    """The output folder, or its nearest existing parent, must be a folder (not a file)."""
-    for path in (output_dir, *output_dir.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "output_dir" if path == output_dir else f"output_dir's parent {path}"
-                raise ConfigError(f"{what} is a file, not a folder: {path}; pass output_dir=<a folder>")
-            return
-
-
-def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info: DistInfo) -> PretrainResult:
+def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info: DistInfo,
+         folder: RunFolder) -> PretrainResult:
     data_cfg, train_cfg = config["data"], config["train"]
     arch, seed = config["model"], train_cfg["seed"]
     output_dir = Path(config["output_dir"]).expanduser().resolve()
@@ -197,7 +202,8 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     epochs = -(-total_steps // steps_per_epoch)  # train.epochs, or as many as max_steps takes
     data_state = {"seed": seed, "dataset_size": len(dataset), "steps_per_epoch": steps_per_epoch}
 
-    notes = [f"data: {dataset.describe()}; {steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} per epoch "
+    notes = [_mask_note(data_cfg["img_size"], bare, config["mask_ratio"]),
+             f"data: {dataset.describe()}; {steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} per epoch "
              f"of {train_cfg['batch_size']} images"
              + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
     notes += unused_setting_notes(config, to_plain(OmegaConf.load(CONFIG_DIR / "pretrain.yaml")))
@@ -234,6 +240,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     visual = _visual_batch(dataset, train_cfg["vis_images"], info.device) if info.is_main else None
 
     keep = train_cfg["keep_checkpoints"]
+    curve_title = f"{method_title(config)} pretraining, {arch}, {data_cfg['img_size']} px"
     schedule_saves = SaveSchedule(train_cfg["save_every_steps"], train_cfg["save_every_minutes"])
     # the step of the file now named checkpoint.pth, when it is a good one (it gets a step name on rotation)
     last_saved = resumed_from if resume_point is not None and resume_point.is_newest_name else None
@@ -252,13 +259,20 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
             save_checkpoint(output_dir, model=bare, optimizer=optimizer, epoch=epoch, step=at_step,
                             config=config, arch=arch, rng=rng)
             prune(output_dir, keep)
+            pictures(at_step)
         last_saved = at_step
         schedule_saves.saved()
         barrier()
 
-    def picture(name: str, title: str) -> None:
-        if info.is_main:
-            monitor.log_reconstruction(_reconstruct(model, visual, seed), name, step, title)
+    def pictures(at_step: int) -> None:
+        """The loss curve so far and a reconstruction, with every checkpoint (rank 0)."""
+        save_loss_curve(monitor.metrics_path, output_dir / LOSS_CURVE_NAME, curve_title)
+        epoch, batch_in_epoch = divmod(at_step, steps_per_epoch)
+        if batch_in_epoch == 0:
+            name, title = f"epoch_{epoch:04d}", f"{arch}, epoch {epoch}, step {at_step}"
+        else:
+            name, title = f"step_{at_step:07d}", f"{arch}, epoch {epoch + 1} (partial), step {at_step}"
+        monitor.log_reconstruction(_reconstruct(model, visual, seed), name, at_step, title)
 
     losses: List[float] = []
     data_watch = DataWaitWatch(data_cfg["wait_warning"], window=min(50, steps_per_epoch))
@@ -274,6 +288,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
             monitor.message(warning)
 
     stopped_by: Optional[int] = None
+    folder.started()
     try:
         with StopRequest(announce=info.is_main) as stop:
             def stop_requested() -> bool:
@@ -304,17 +319,13 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
                     more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
                     monitor.message(f"epoch {epoch + 1}: skipped {len(unreadable)} unreadable image(s), each "
                                     f"replaced by the next readable one: {shown}{more}")
-                save(step)
-                if step % steps_per_epoch == 0:
-                    picture(f"epoch_{epoch + 1:04d}", f"{arch}, epoch {epoch + 1}, step {step}")
-                elif stopped_by is not None or step >= total_steps:
-                    picture(f"step_{step:07d}", f"{arch}, epoch {epoch + 1} (partial), step {step}")
+                save(step)  # with the loss curve and a reconstruction picture
+                monitor.resume_progress()  # saving is not training time
     finally:
         monitor.close()
 
     if info.is_main:
-        save_loss_curve(monitor.metrics_path, output_dir / LOSS_CURVE_NAME,
-                        f"{method_title(config)} pretraining, {arch}, {data_cfg['img_size']} px")
+        save_loss_curve(monitor.metrics_path, output_dir / LOSS_CURVE_NAME, curve_title)
         how = f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "finished"
         print(f"{how} at step {step} of {total_steps}; checkpoint: {ckpt_path}; encoder: "
               f"{output_dir / encoder_export_name(arch)}", flush=True)
