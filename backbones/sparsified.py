@@ -2,11 +2,16 @@
 
 The model's own ``forward`` runs unchanged on the engine's tensors (its layers swapped for sparse
 twins by ``sparse_mim.engine.sparsify_layers``). The four feature maps at strides 4, 8, 16, 32 are
-read from the modules named in the model's ``feature_info`` (timm) or in ``feature_modules``, through
-forward hooks; the forward stops after the last one, and the layers after it (pooling, classifier,
-timm's EfficientNet ``conv_head``) are replaced by ``Identity`` up front, so they are neither
-checked, nor run, nor part of the encoder's state_dict. A timm ``features_only`` model, which
-returns its maps itself, is used as it is.
+read from the modules named in the model's ``feature_info`` (timm), in ``feature_modules``, or
+found by a dry run (the last module output at each stride), through forward hooks; the forward stops
+after the last one. The modules that first run after it in the dry run (pooling, classifier, timm's
+EfficientNet ``conv_head``: the head, by execution order, not registration order) are replaced by
+``Identity`` up front, so they are neither checked, nor run, nor part of the encoder's state_dict.
+A timm ``features_only`` model, which returns its maps itself, is used as it is.
+
+``sparsify`` then runs the sparse encoder once on the dry run's images with every patch visible:
+unsupported glue ops are refused all at once, and the feature maps must equal the dense model's
+(``backbones.dry_run``).
 
 The backbone registers the model's own children under their own names, so its state_dict keys are
 the model's (for a full timm model: timm's keys minus the head; export is the identity).
@@ -21,11 +26,12 @@ import torch.nn as nn
 from sparse_mim.engine import SiteTensor, SparseLayerNorm, sparsify_layers
 from sparse_mim.engine.errors import UnsupportedLayerError
 
+from . import dry_run
 from .base import SparseBackbone
 
 __all__ = ["SparsifiedBackbone", "sparsify", "sparsify_timm"]
 
-STRIDES = (4, 8, 16, 32)
+STRIDES = dry_run.STRIDES
 
 
 class _StopForward(Exception):
@@ -37,34 +43,48 @@ class SparsifiedBackbone(SparseBackbone):
 
     def __init__(self, model: nn.Module, feature_modules: Optional[Sequence[str]] = None):
         super().__init__()
-        if feature_modules is None and _returns_feature_list(model):
-            info = model.feature_info
-            picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
-            self._list_indices = [i for i, _ in picks]
-            self._paths: List[str] = []
+        training = model.training
+        with dry_run.prepared(model) as dtype:
+            trace = dry_run.trace_dense(model, dtype)
+            if feature_modules is None and _returns_feature_list(model):
+                info = model.feature_info
+                picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
+                self._list_indices = [i for i, _ in picks]
+                self._paths: List[str] = []
+                references = [trace.last_call("").saved[i] for i in self._list_indices]
+                head = []
+            else:
+                paths, reductions, channels = _feature_modules(model, feature_modules, trace)
+                picks = _pick(reductions, channels, type(model).__name__)
+                self._list_indices = None
+                self._paths = [paths[i] for i, _ in picks]
+                references = [trace.last_call(p).saved for p in self._paths]
+                head = dry_run.head_modules(trace, self._paths[-1])
             self.feature_channels = [c for _, c in picks]
-        else:
-            paths, reductions, channels = _feature_modules(model, feature_modules)
-            picks = _pick(reductions, channels, type(model).__name__)
-            self._list_indices = None
-            self._paths = [paths[i] for i, _ in picks]
-            self.feature_channels = [c for _, c in picks]
-            _drop_after(model, self._paths[-1])
-        sparsify_layers(model)
-        for name, child in model.named_children():
-            self.add_module(name, child)
-        for name, p in model.named_parameters(recurse=False):
-            self.register_parameter(name, p)
-        if any(True for _ in model.named_buffers(recurse=False)):
-            raise UnsupportedLayerError(f"{type(model).__name__} holds buffers of its own (outside any layer); "
-                                        "sparsify supports models whose state lives in their layers")
-        self.__dict__["_model"] = model  # not a submodule: its children are ours, under the same names
-        for i, path in enumerate(self._paths):
-            m = model.get_submodule(path)
-            m._sparse_feature_index = i
-            m.register_forward_hook(self._capture)
-        self.norm_kind = _norm_kind(self)
-        self._captured: List = []
+            dropped = dry_run.drop(model, head)
+            try:
+                sparsify_layers(model)
+            except UnsupportedLayerError:
+                dry_run.put_back(model, dropped)
+                raise
+            self.dropped_head = list(dropped)  # module paths, for messages and docs
+            for name, child in model.named_children():
+                self.add_module(name, child)
+            for name, p in model.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+            if any(True for _ in model.named_buffers(recurse=False)):
+                raise UnsupportedLayerError(f"{type(model).__name__} holds buffers of its own (outside any layer); "
+                                            "sparsify supports models whose state lives in their layers")
+            self.__dict__["_model"] = model  # not a submodule: its children are ours, under the same names
+            for i, path in enumerate(self._paths):
+                m = model.get_submodule(path)
+                m._sparse_feature_index = i
+                m.register_forward_hook(self._capture)
+            self.norm_kind = _norm_kind(self)
+            self._captured: List = []
+            dry_run.check_sparse(self, trace, references, self._paths or [f"output {i}" for i in self._list_indices],
+                                 dtype)
+        self.training = training  # the modules' own modes are as they were (restored by prepared)
 
     def _capture(self, module, inputs, output):
         i = module._sparse_feature_index
@@ -108,45 +128,15 @@ def _returns_feature_list(model: nn.Module) -> bool:
     return info is not None and hasattr(info, "reduction") and callable(info.reduction)
 
 
-def _feature_modules(model: nn.Module, names: Optional[Sequence[str]]):
-    """(module paths, reductions, channels) of the candidate feature maps."""
+def _feature_modules(model: nn.Module, names: Optional[Sequence[str]], trace: dry_run.DenseTrace):
+    """(module paths, reductions, channels) of the candidate feature maps: timm's ``feature_info``,
+    else the named modules, else the ones the dry run finds (last map at each stride)."""
     info = getattr(model, "feature_info", None)
-    if names is None:
-        if not isinstance(info, list) or not info or "module" not in info[0]:
-            raise UnsupportedLayerError(
-                f"{type(model).__name__} has no timm feature_info; pass feature_modules=[...] naming the modules "
-                "whose outputs are the maps at strides 4, 8, 16, 32 (e.g. ['layer1', 'layer2', 'layer3', "
-                "'layer4'] for a torchvision ResNet)")
+    if names is None and isinstance(info, list) and info and "module" in info[0]:
         return [f["module"] for f in info], [int(f["reduction"]) for f in info], [int(f["num_chs"]) for f in info]
-    names = list(names)
-    reductions, channels = _probe(model, names)
+    names = list(names) if names is not None else dry_run.discover_features(trace)
+    reductions, channels = dry_run.named_features(trace, model, names)
     return names, reductions, channels
-
-
-def _probe(model: nn.Module, names: List[str]):
-    """Reductions and channels of the named modules' outputs, from one dense 64x64 forward."""
-    shapes = {}
-    hooks = []
-    for n in names:
-        try:
-            m = model.get_submodule(n)
-        except AttributeError:
-            raise UnsupportedLayerError(f"feature module {n!r} does not exist in {type(model).__name__}") from None
-        hooks.append(m.register_forward_hook(lambda mod, i, o, n=n: shapes.__setitem__(n, tuple(o.shape))))
-    like = next(model.parameters())
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, 64, 64, dtype=like.dtype, device=like.device))
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
-    bad = [n for n in names if n not in shapes or len(shapes[n]) != 4]
-    if bad:
-        raise UnsupportedLayerError(f"feature module(s) {bad} produce no (B, C, H, W) map in {type(model).__name__}")
-    return [64 // shapes[n][2] for n in names], [shapes[n][1] for n in names]
 
 
 def _pick(reductions: List[int], channels: List[int], what: str):
@@ -162,16 +152,6 @@ def _pick(reductions: List[int], channels: List[int], what: str):
             raise UnsupportedLayerError(f"{what} has no feature map at stride {s} (reductions {reductions})")
         picks.append((found[-1], channels[found[-1]]))
     return picks
-
-
-def _drop_after(model: nn.Module, last: str) -> None:
-    """Replace the top-level children after the one holding ``last`` by Identity (the head)."""
-    top = last.split(".")[0]
-    names = list(model._modules)
-    if top not in names:
-        raise UnsupportedLayerError(f"feature module {last!r} is not inside {type(model).__name__}")
-    for name in names[names.index(top) + 1:]:
-        model._modules[name] = nn.Identity()
 
 
 def _norm_kind(encoder: nn.Module) -> str:

@@ -1,7 +1,7 @@
 """Errors of the general (``sparsify``) path: what cannot run sparsely is named, never run wrong."""
 from __future__ import annotations
 
-__all__ = ["UnsupportedLayerError", "UnsupportedOperationError"]
+__all__ = ["UnsupportedLayerError", "UnsupportedOperationError", "SparsifyMismatchError"]
 
 
 class UnsupportedLayerError(TypeError):
@@ -17,3 +17,10 @@ class UnsupportedLayerError(TypeError):
 
 class UnsupportedOperationError(UnsupportedLayerError):
     """A torch function called on a sparse tensor (in a model's own ``forward``) has no sparse meaning."""
+
+
+class SparsifyMismatchError(UnsupportedLayerError):
+    """``sparsify``'s dry run found the sparse encoder (every patch visible) differing from the dense model.
+
+    Raised instead of returning an encoder that would silently compute another network.
+    """

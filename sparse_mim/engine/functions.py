@@ -293,9 +293,14 @@ def dispatch(func, args, kwargs):
         return handler(*args, **kwargs)
     if func in POINTWISE:
         return _pointwise(func, args, kwargs)
+    return _unsupported(func, args, kwargs)
+
+
+def _unsupported(func, args, kwargs):
+    """The single place that refuses a torch function with no sparse meaning (the one raise site)."""
     if func is torch.Tensor.__bool__ or func is torch.Tensor.__len__:
         raise UnsupportedOperationError(f"{_name(func)} of a sparse tensor has no meaning")
     raise UnsupportedOperationError(
         f"{_name(func)} is not supported on sparse tensors (the engine runs the model's layers as sparse twins "
-        "and only pointwise / channel-concat / NCHW<->NHWC permute / spatial-mean glue between them); "
+        "and only the glue ops listed in sparse_mim.engine.functions between them); "
         "replace the code that calls it with a supported layer, or keep it out of the sparsified part")

@@ -14,6 +14,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import collect as _collect
 from . import recompute
 from .ops.gather import gather_rows
 from .coords import CoordinateManager, PatchCoordinateManager, SiteCoordinateManager, SparseInputError
@@ -40,6 +41,8 @@ class SiteTensor:
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         from .functions import dispatch
+        if _collect.active() is not None:  # sparsify()'s dry run: list every unsupported op, not just the first
+            return _collect.dispatch(_collect.active(), func, args, kwargs or {}, dispatch)
         return dispatch(func, args, kwargs or {})
 
     def _torch(self, name: str):
