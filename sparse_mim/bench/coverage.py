@@ -261,8 +261,12 @@ def _recording_glue() -> Iterator[set]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    """The message's first line; for a list ("N layer(s) ...:" then one per line) also the first item."""
+    text = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    head = text[0] if text else ""
+    if head.endswith(":") and len(text) > 1:
+        head += " " + text[1] + (f" (+{len(text) - 2} more)" if len(text) > 2 else "")
+    return f"{type(e).__name__}: {head}"
 
 
 def _one_line(e: BaseException, limit: int = 600) -> str:
