@@ -1,6 +1,6 @@
 """Coverage of ``sparsify``: which timm and torchvision CNNs run exactly, which are refused and why.
 
-Per architecture (``sparse_mim.bench.coverage.check``, float64, 64x64 px, batch 2, training mode): all
+Per architecture (``sparse_mim.bench.coverage.check``, float64, 96x96 px, batch 2, training mode): all
 patches visible against the dense model's feature maps, and a random mask at 0.6 against the
 masked-dense reference, forward and gradients; ``exact`` = every relative error <= 1e-9. For those
 that run: encoder forward+backward time, sparse against masked-dense on the same weights and masks,
@@ -199,7 +199,7 @@ def report(rows: List[Dict[str, str]], infos: List[Dict[str, str]]) -> str:
         _summary_line(rows, "torchvision", "torchvision"),
         "",
         f"Verdicts come from `sparse_mim.bench.coverage.check`: random weights and norm statistics, float64, "
-        f"64x64 px, batch 2, training mode; **all visible vs dense**: the sparse encoder's four maps and the "
+        f"96x96 px, batch 2, training mode; **all visible vs dense**: the sparse encoder's four maps and the "
         f"gradients of input and weights against the dense model's (same modules); **masked**: a random "
         f"patch mask at 0.6 against the masked-dense reference (the same modules fed a `MaskedDenseTensor`), "
         f"forward and gradients. Errors are max |difference| / max |reference|; **exact** = all of them "
