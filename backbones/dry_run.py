@@ -12,12 +12,15 @@ mode) is traced with hooks on every module. It tells, from EXECUTION order:
 The sparse forward then runs on the same images, every patch visible, in ``engine.collect`` mode:
 every glue op without a sparse meaning is listed at once (module path and op), and otherwise the
 sparse features must equal the dense ones, or ``sparsify()`` refuses the model naming the first map
-(and module) that differs. Both runs happen in float64 where the device has it (the model is cast
-and cast back: float32 -> float64 -> float32 is exact); parameters, buffers, train/eval modes and
-torch's random state are as before afterwards.
+(and module) that differs. Both runs use the model's own dtype: a float64 model is checked to a
+relative error of 1e-6, a float32 one to 1e-3 (exact encoders measure 1e-7..2e-5 in float32, the
+wrong networks this guards against 1e-2 and more); casting the weights to float64 would cost more than
+the dry run itself. Parameters, buffers, train/eval modes, torch's thread count and random state are
+as before afterwards.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -60,13 +63,16 @@ class DenseTrace:
     size: int
     images: torch.Tensor
     calls: List[Call] = field(default_factory=list)  # in completion order
+    _counts: Optional[collections.Counter] = None
 
     def last_call(self, path: str) -> Optional[Call]:
         found = [c for c in self.calls if c.path == path]
         return found[-1] if found else None
 
     def count(self, path: str) -> int:
-        return sum(c.path == path for c in self.calls)
+        if self._counts is None:
+            self._counts = collections.Counter(c.path for c in self.calls)
+        return self._counts[path]
 
 
 def _stride(t, size: int) -> Optional[int]:
@@ -89,13 +95,15 @@ def _copy(o):
 
 # -- state: float64, eval, random state; all restored --------------------------------------------------
 def _run_dtype(model: nn.Module) -> torch.dtype:
-    p = next(itertools.chain(model.parameters(), model.buffers()), None)
-    return torch.float32 if p is not None and p.device.type == "mps" else torch.float64
+    """The model's own float32 / float64 (no cast of its weights: that cost more than the dry run);
+    half-precision models run in float32."""
+    p = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    return p.dtype if p is not None and p.dtype in (torch.float32, torch.float64) else torch.float32
 
 
 @contextlib.contextmanager
 def prepared(model: nn.Module) -> Iterator[torch.dtype]:
-    """Cast ``model`` to the dry run's dtype and eval mode; afterwards (also after an error) every
+    """Put ``model`` in eval mode (half precision cast to float32); afterwards (also after an error) every
     parameter, buffer (dtype and value), module mode and the random state is as it was. Layers swapped
     for twins meanwhile hold the same tensors, so they are restored too."""
     dtype = _run_dtype(model)
@@ -109,15 +117,19 @@ def prepared(model: nn.Module) -> Iterator[torch.dtype]:
                 m._buffers[name] = b.detach().clone().to(dtype)
                 buffers[id(m._buffers[name])] = (b.dtype, b.detach().clone())
     for p, _ in params.values():
-        if p.is_floating_point():
+        if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
     model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny workload: one thread is fastest, and immune to a loaded machine
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             yield dtype
     finally:
+        torch.set_num_threads(threads)
         for p, was in params.values():
-            p.data = p.data.to(was)
+            if p.dtype != was:
+                p.data = p.data.to(was)
         for m in itertools.chain(modules, model.modules()):
             for name, b in m._buffers.items():
                 if b is not None and id(b) in buffers:
@@ -195,8 +207,10 @@ def discover_features(trace: DenseTrace) -> List[str]:
         at_s = [c for c in calls if c.out_stride == s]
         if not at_s:
             seen = sorted({c.out_stride for c in calls if c.out_stride})
-            raise UnsupportedLayerError(f"no module of the model outputs a map at stride {s} (strides seen: {seen}); "
-                                        "SparK needs maps at strides 4, 8, 16, 32: pass feature_modules=[...]")
+            raise UnsupportedLayerError(
+                f"no module of the model outputs a map at stride {s} of a {trace.size}x{trace.size} image (exact "
+                f"strides seen: {seen}); SparK needs maps at strides 4, 8, 16, 32 on grids that divide the image "
+                "exactly (padded convolutions and pools): pass feature_modules=[...] if the model has them")
         pick = at_s[-1]
         units = [a for a in calls if _within(pick, a) and a.in_stride == s and a.out_stride not in (None, s)]
         if units:

@@ -18,6 +18,7 @@ the model's (for a full timm model: timm's keys minus the head; export is the id
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
@@ -132,7 +133,8 @@ def _feature_modules(model: nn.Module, names: Optional[Sequence[str]], trace: dr
     """(module paths, reductions, channels) of the candidate feature maps: timm's ``feature_info``,
     else the named modules, else the ones the dry run finds (last map at each stride)."""
     info = getattr(model, "feature_info", None)
-    if names is None and isinstance(info, list) and info and "module" in info[0]:
+    if names is None and isinstance(info, list) and info and "module" in info[0] and \
+            all(trace.count(f["module"]) for f in info):  # (HRNet's name modules its classifier never runs)
         return [f["module"] for f in info], [int(f["reduction"]) for f in info], [int(f["num_chs"]) for f in info]
     names = list(names) if names is not None else dry_run.discover_features(trace)
     reductions, channels = dry_run.named_features(trace, model, names)
@@ -163,18 +165,44 @@ def _norm_kind(encoder: nn.Module) -> str:
 
 
 def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) -> SparsifiedBackbone:
-    """Turn a dense CNN (timm or torchvision) into a sparse SparK encoder sharing its parameters.
+    """Turn a dense CNN (timm, torchvision or your own) into a sparse SparK encoder sharing its parameters.
 
     ``model`` is changed in place (its layers become sparse twins); the returned backbone registers
-    the same children, so ``backbone.state_dict()`` has the model's keys (minus the head after the
-    last feature map). Feature maps come from timm's ``feature_info`` unless ``feature_modules``
-    names the modules whose outputs are the maps (strides must be 4, 8, 16, 32). Raises
-    ``UnsupportedLayerError`` listing every layer that cannot run sparsely, before any computation.
+    the same children, so ``backbone.state_dict()`` has the model's keys minus the head (the modules
+    that first run after the last feature map). Feature maps come from timm's ``feature_info``, else
+    from ``feature_modules`` (module paths whose outputs are the maps at strides 4, 8, 16, 32), else
+    from a dry run: the last module output at each stride.
+
+    Everything is checked here, on one tiny forward (batch 2, 64 px or the smallest multiple of 32
+    the model accepts; eval mode, no grad; parameters, buffers, modes and random state untouched):
+
+    * ``UnsupportedLayerError``: every layer with no sparse twin (path and type), before anything is swapped;
+    * ``UnsupportedOperationError``: every glue op of the model's own ``forward`` with no sparse
+      meaning (module path and op), all listed at once;
+    * ``SparsifyMismatchError``: the sparse encoder with every patch visible does not reproduce the
+      dense model's feature maps (names the first map and module that differ).
     """
     return SparsifiedBackbone(model, feature_modules)
 
 
 def sparsify_timm(name: str, **kwargs) -> SparsifiedBackbone:
-    """``sparsify(timm.create_model(name, **kwargs))``: keys are timm's own (minus the head)."""
+    """``sparsify(timm.create_model(name, **kwargs))``: keys are timm's own (minus the head).
+
+    ``drop_path_rate`` is passed only to models whose constructor takes it (DLA, GhostNet and others
+    have no stochastic depth); a non-zero rate such a model ignores is said once, as a warning."""
+    return sparsify(create_timm_model(name, **kwargs))
+
+
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``, minus a ``drop_path_rate`` it does not take."""
     import timm
-    return sparsify(timm.create_model(name, pretrained=False, **kwargs))
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "drop_path_rate" not in kwargs or "'drop_path_rate'" not in str(e):
+            raise
+    rate = kwargs.pop("drop_path_rate")
+    if rate:
+        warnings.warn(f"timm's {name} has no stochastic depth (its constructor takes no drop_path_rate): "
+                      f"drop_path_rate={rate} is ignored", UserWarning, stacklevel=3)
+    return timm.create_model(name, pretrained=False, **kwargs)

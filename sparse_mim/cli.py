@@ -75,11 +75,12 @@ def _training_command(command: str, argv: Sequence[str], compose: Callable, run:
 
 def pretrain(argv: Sequence[str]) -> int:
     from sparse_mim.data import DataError
+    from sparse_mim.engine import UnsupportedLayerError  # a model sparsify refuses (every layer / op listed)
     from sparse_mim.train import compose_config, pretrain as run_pretrain
 
     return _training_command("pretrain", argv, compose_config, run_pretrain,
                              "usage: sparse-mim pretrain [key=value ...]   (Hydra overrides; "
-                             "preset=imagenet for SparK's ImageNet recipe)", (DataError,))
+                             "preset=imagenet for SparK's ImageNet recipe)", (DataError, UnsupportedLayerError))
 
 
 def finetune(argv: Sequence[str]) -> int:

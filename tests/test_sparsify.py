@@ -167,8 +167,9 @@ def test_unsupported_layers_are_named_before_any_computation():
     assert "layer3.1.conv1 (test_sparsify.Counting)" in message
     assert "layer1.0.bn1 (torch.nn.modules.instancenorm.InstanceNorm2d)" in message
     assert [p for p, _ in e.value.layers] == ["layer1.0.bn1", "layer2.0.shift", "layer3.1.conv1"]
-    assert Counting.calls == 0
+    assert Counting.calls == 1  # the dense dry run (which finds the head) only: nothing ran sparsely
     assert isinstance(model.conv1, nn.Conv2d) and type(model.conv1) is nn.Conv2d  # nothing was swapped
+    assert model.conv1.weight.dtype == torch.float32 and model.training
 
 
 class IndexingBlock(nn.Module):
@@ -202,9 +203,11 @@ def test_total_stride_other_than_32_is_an_error():
         sparsify(timm.create_model("resnet18", output_stride=16))
 
 
-def test_torchvision_model_needs_feature_modules():
-    with pytest.raises(UnsupportedLayerError, match="pass feature_modules"):
-        sparsify(torchvision.models.resnet18())
+def test_a_model_without_a_map_at_some_stride_is_asked_for_feature_modules():
+    model = nn.Sequential(nn.Conv2d(3, 8, 8, 8), nn.Conv2d(8, 8, 4, 4))
+    with pytest.raises(UnsupportedLayerError, match=r"no module of the model outputs a map at stride 4 .*"
+                                                    r"pass feature_modules"):
+        sparsify(model)
 
 
 def test_timm_export_of_a_sparsified_model_loads_with_only_the_head_missing():

@@ -432,3 +432,37 @@ def test_cuda_graph_runs_every_training_step_through_the_graphed_forward(images,
     out = tmp_path / "run"
     pretrain(_config(images, out, "train.batch_size=8", "train.epochs=2", "train.cuda_graph=true"))
     assert len(calls) == 2 and [r["step"] for r in metrics(out)] == [1, 2]
+
+
+# -- any timm model ---------------------------------------------------------------------------------
+def test_a_timm_model_without_stochastic_depth_pretrains_and_says_the_rate_is_ignored(images, tmp_path):
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"dla34 has no stochastic depth .* drop_path_rate=0.1 is ignored"):
+        result = pretrain(_config(images, out, "model=dla34", "drop_path_rate=0.1", "train.epochs=2",
+                                  "train.max_steps=3"))
+    assert result.total_steps == 3 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert (out / "encoder_dla34.safetensors").exists()
+
+
+def test_a_sparsify_prefixed_run_converts_like_timms_model_with_the_same_weights(images, tmp_path):
+    import pickle
+
+    from sparse_mim.convert import to_detectron2
+    from sparse_mim.convert.cli import main as convert_main
+
+    out = tmp_path / "run"
+    pretrain(_config(images, out, "model=sparsify:resnet50", "train.max_steps=1"))
+    export = out / "encoder_sparsify-resnet50.safetensors"
+    assert export.exists() and not any(":" in p.name for p in out.iterdir())
+    timm_model = timm.create_model("resnet50", pretrained=False)
+    timm_model.load_state_dict(load_file(str(export)), strict=False)
+    to_detectron2({k: v for k, v in timm_model.state_dict().items() if not k.startswith("fc.")}, "resnet50",
+                  tmp_path / "timm.pkl")
+    expected = pickle.loads((tmp_path / "timm.pkl").read_bytes())["model"]
+    for i, arch in enumerate((["--arch", "resnet50"], [])):
+        target = tmp_path / f"ours{i}.pkl"
+        assert convert_main([str(out / "checkpoint.pth"), "--to", "detectron2", *arch, "--out", str(target)]) == 0
+        written = pickle.loads(target.read_bytes())["model"]
+        assert written.keys() == expected.keys()
+        assert all((written[k] == expected[k]).all() for k in expected)
+    assert convert_main([str(export), "--to", "timm", "--out", str(tmp_path / "timm.safetensors")]) == 0

@@ -53,12 +53,23 @@ ARCHS: dict[str, Arch] = {
 }
 
 
+#: ``sparsify:<timm name>`` (a model pretrained through the general ``sparsify`` path) has the very keys
+#: of ``<timm name>``: for conversion it IS that arch.
+SPARSIFY_PREFIX = "sparsify:"
+
+
+def base_arch(name: str | None) -> str | None:
+    """The timm name an arch's weights are named after: ``sparsify:resnet50`` -> ``resnet50``."""
+    return name.removeprefix(SPARSIFY_PREFIX) if isinstance(name, str) else name
+
+
 def get_arch(name: str, *, target: str = "timm", supported: tuple[str, ...] | None = None) -> Arch:
     """Look up `name`; `supported` narrows the choice for targets that cover fewer archs.
 
     For the timm target any timm model name is an arch (family "timm"): a sparsified encoder keeps
     timm's own keys, and the export is verified against `timm.create_model(name)` itself."""
     choices = supported if supported is not None else tuple(ARCHS)
+    name = base_arch(name)
     if name in choices:
         return ARCHS[name]
     if supported is None and target == "timm" and _is_timm_model(name):
@@ -77,8 +88,8 @@ def _is_timm_model(name: str) -> bool:
 
 def check_arch(pretrained_as: str | None, asked: str) -> None:
     """Refuse a conversion whose --arch differs from the arch recorded in the checkpoint."""
-    if pretrained_as is not None and pretrained_as != asked:
+    if pretrained_as is not None and base_arch(pretrained_as) != base_arch(asked):
         raise ConversionError(
             f"checkpoint was pretrained as {pretrained_as}, you asked for {asked}; "
-            f"pass --arch {pretrained_as}"
+            f"pass --arch {base_arch(pretrained_as)}"
         )

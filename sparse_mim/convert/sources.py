@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from .archs import CLASSIFIER_PREFIXES, check_arch
+from .archs import CLASSIFIER_PREFIXES, base_arch, check_arch
 from .errors import ConversionError
 from .fcmae import fcmae_to_timm, is_fcmae_layout
 from .minkowski_checkpoints import from_minkowski_layout, is_minkowski_layout
@@ -78,7 +78,7 @@ def load_encoder(src: str | os.PathLike | Mapping, arch: str | None = None) -> E
     ckpt = read_encoder_checkpoint(src)
     if arch is not None:
         check_arch(ckpt.arch, arch)
-    arch = arch or ckpt.arch
+    arch = base_arch(arch or ckpt.arch)
     if is_fcmae_layout(ckpt.state_dict):
         return EncoderCheckpoint(fcmae_to_timm(ckpt.state_dict, arch), ckpt.dropped, arch)
     if is_minkowski_layout(ckpt.state_dict):
@@ -134,7 +134,7 @@ def read_encoder_checkpoint(src: str | os.PathLike | Mapping) -> EncoderCheckpoi
         for k in classifier:
             del encoder[k]
 
-    arch = raw.get("arch") if isinstance(raw.get("arch"), str) else file_arch
+    arch = base_arch(raw.get("arch") if isinstance(raw.get("arch"), str) else file_arch)
     if config_arch is not None:
         check_arch(arch, config_arch)
         arch = config_arch

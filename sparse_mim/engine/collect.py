@@ -131,9 +131,20 @@ def _logical_dense(t):
     return t
 
 
+def op_name(func) -> str:
+    """How a user spells ``func`` in a forward: ``torch.Tensor.view``, ``torch.flip``, ``F.interpolate``."""
+    import torch.nn.functional as F
+    from .functions import _name
+    name = getattr(func, "__name__", "")
+    for spelled, space in (("torch.Tensor", torch.Tensor), ("torch", torch), ("torch.nn.functional", F)):
+        if name and getattr(space, name, None) is func:
+            return f"{spelled}.{name}"
+    return _name(func)
+
+
 def dispatch(collector: Collector, func, args, kwargs, run: Callable):
     """``run(func, args, kwargs)``; if the engine refuses it, record the offence and compute densely."""
-    from .functions import _name, _sites_of
+    from .functions import _sites_of
     try:
         return run(func, args, kwargs)
     except UnsupportedOperationError as e:
@@ -144,10 +155,18 @@ def dispatch(collector: Collector, func, args, kwargs, run: Callable):
                     return run(func, fixed, kwargs)
                 except UnsupportedOperationError:
                     pass
-        collector.record(_name(func), str(e).splitlines()[0])
+        collector.record(op_name(func), _reason(str(e)))
     refs = _sites_of((args, list(kwargs.values())))
     out = func(*_logical_dense(args), **_logical_dense(kwargs))
     return _rewrap(collector, out, refs[0] if refs else None)
+
+
+def _reason(message: str) -> str:
+    """The specific part of the engine's refusal (its generic remedy is said once, under the list)."""
+    first = message.splitlines()[0] if message else ""
+    if " is not supported on sparse tensors (the engine runs" in first:
+        return "not supported on sparse tensors"
+    return first if len(first) <= 200 else first[:197] + "..."
 
 
 def _rewrap(collector: Collector, out, ref):

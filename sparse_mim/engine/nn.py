@@ -21,13 +21,17 @@ from .tensor import SiteTensor
 
 __all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLinear", "SparseBatchNorm2d",
            "SparseSyncBatchNorm", "SparseGroupNorm", "SparseLayerNorm",
-           "SparseMaxPool2d", "SparseAvgPool2d", "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
+           "SparseMaxPool2d", "SparseAvgPool2d", "SparseSpaceToDepth", "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
            "SparseActivation", "SparseReLU", "SparseReLU6", "SparseGELU", "convert_sync_batchnorm"]
 
 
 def _check_layout(module: nn.Module, x: SiteTensor) -> None:
     """``module.layout`` (when set) is the logical layout its dense twin reads: a channels-last
     Linear fed an NCHW map would mix the width axis in dense PyTorch, so it is refused here."""
+    if x.channel_groups is not None:
+        raise UnsupportedOperationError(
+            f"{type(module).__name__} got a channel-grouped {tuple(x.shape)} tensor (its dense twin reads 4-d "
+            "maps); reshape it back to (B, C, H, W) first, as the dense model must")
     want = module.layout
     if want is not None and x.layout != want:
         raise UnsupportedOperationError(
@@ -117,8 +121,11 @@ class SparseBatchNorm2d(_NormAct, nn.BatchNorm2d):
 
     sync = False
 
+    layout = None  # per channel: any logical layout
+
     def forward(self, x):
         if isinstance(x, SiteTensor):
+            _check_layout(self, x)
             return self._post(ops.batch_norm(x, self, sync=self.sync))
         if self.sync:
             return self._post(sync_batch_norm_dense(x, self))
@@ -193,10 +200,13 @@ class SparseMaxPool2d(nn.MaxPool2d):
 
 
 class SparseAvgPool2d(nn.AvgPool2d):
-    """Mean over the *active* sites of each window (padding and masked sites excluded)."""
+    """Mean over the *active* sites of each window (padding and masked sites excluded); with
+    ``count_include_pad=True`` the sum over active sites divided by the window area (padding and masked
+    sites count as zeros, as in the dense layer and SparK's masked-dense simulation)."""
 
-    def __init__(self, kernel_size, stride=None, padding=0):
-        super().__init__(kernel_size, stride, padding, count_include_pad=False)
+    def __init__(self, kernel_size, stride=None, padding=0, count_include_pad: bool = False,
+                 ceil_mode: bool = False):
+        super().__init__(kernel_size, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
         self.geometry = WindowGeometry.make(kernel_size, self.stride, padding)
 
     layout = "nchw"
@@ -204,8 +214,31 @@ class SparseAvgPool2d(nn.AvgPool2d):
     def forward(self, x):
         if isinstance(x, SiteTensor):
             _check_layout(self, x)
-            return ops.avg_pool2d(x, self.geometry)
+            return ops.avg_pool2d(x, self.geometry, self.count_include_pad)
         return super().forward(x)
+
+
+class SparseSpaceToDepth(nn.Module):
+    """timm's ``SpaceToDepth`` (TResNet's stem): each ``block x block`` cell of sites becomes one site at
+    ``block`` times the stride, its channels ordered ``(dy, dx, c)``; inactive sites of a cell read as
+    zero. A cell lies inside one patch whenever ``block`` divides the patch's side at this stride."""
+
+    layout = "nchw"
+
+    def __init__(self, block_size: int = 4):
+        super().__init__()
+        self.bs = int(block_size)
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            _check_layout(self, x)
+            return ops.space_to_depth(x, self.bs)
+        n, c, h, w = x.shape
+        x = x.view(n, c, h // self.bs, self.bs, w // self.bs, self.bs).permute(0, 3, 5, 1, 2, 4)
+        return x.reshape(n, c * self.bs * self.bs, h // self.bs, w // self.bs)
+
+    def extra_repr(self) -> str:
+        return f"block_size={self.bs}"
 
 
 class SparseGRN(nn.Module):

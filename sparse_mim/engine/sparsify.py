@@ -9,8 +9,10 @@ compute something else in its own ``forward``.
 
 Kept as they are: activation / dropout / identity modules (their functional calls run on the
 engine's tensors through ``__torch_function__``), ``AdaptiveAvgPool2d(1)`` (per-sample mean over
-active sites), ``Conv1d`` (ECA gates, dense (B, 1, C) input only), and containers, whose own
-``forward`` is glue code (see ``engine.functions``).
+active sites), ``Conv1d`` (ECA gates, dense (B, 1, C) input only), nearest ``Upsample`` by an integer
+factor (HRNet; its ``F.interpolate`` moves to the finer stride's active set), timm's ``GammaAct``
+(NFNet: an activation times a constant), and containers, whose own ``forward`` is glue code (see
+``engine.functions``).
 """
 from __future__ import annotations
 
@@ -39,8 +41,10 @@ def _optional(path: str, names: str) -> Tuple[type, ...]:
 # -- what is kept as it is ----------------------------------------------------------------------------
 _KEPT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
 _KEPT_TYPES = (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv1d) + \
-    _optional("torchvision.ops.misc", "Permute")
-_NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+    _optional("torchvision.ops.misc", "Permute") + _optional("timm.models.nfnet", "GammaAct") + \
+    _optional("timm.layers.split_attn", "RadixSoftmax")  # the dense per-sample gate of split attention
+_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)  # kept: their F.interpolate runs in engine.functions
+_NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)  # nn.Softmax: over channels
 
 
 def _kept(m: nn.Module) -> bool:
@@ -140,15 +144,40 @@ def _linear(m: nn.Linear):
     return twin
 
 
+def _ceil_geometry(m) -> Optional[WindowGeometry]:
+    """The window of a ``ceil_mode=True`` pool on grids that are multiples of its stride, or None where
+    ceil mode does not keep the grid (input / stride).
+
+    With input ``n * s``, ceil mode gives ``n + ceil((2p - k_eff) / s) + 1`` outputs, which is ``n`` iff
+    ``s <= k_eff - 2p < 2s``; its last window then reaches ``k_eff - s - p`` sites past the end, i.e. a
+    high-side padding of ``k_eff - s - p`` (VoVNet's 3x3/2 pool without padding: 0 low, 1 high, like TF
+    'SAME'). Where ``k_eff - 2p == s`` this is floor mode's padding.
+    """
+    k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(getattr(m, "dilation", 1))
+    hi = []
+    for i in range(2):
+        k_eff = d[i] * (k[i] - 1) + 1
+        if not s[i] <= k_eff - 2 * p[i] < 2 * s[i]:
+            return None
+        hi.append(k_eff - s[i] - p[i])
+    return WindowGeometry(k, s[0], d, p, (hi[0], hi[1]))
+
+
 def _max_pool(m, geometry=None):
+    if geometry is None and m.ceil_mode:
+        geometry = _ceil_geometry(m)
     twin = snn.SparseMaxPool2d(m.kernel_size, m.stride, 0 if geometry else m.padding, m.dilation)
+    twin.ceil_mode = m.ceil_mode  # the dense forward (plain tensors) stays the dense layer's
     if geometry is not None:
         twin.geometry = geometry
     return _adopt(twin, m)
 
 
 def _avg_pool(m):
-    return _adopt(snn.SparseAvgPool2d(m.kernel_size, m.stride, m.padding), m)
+    twin = snn.SparseAvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad, m.ceil_mode)
+    if m.ceil_mode:
+        twin.geometry = _ceil_geometry(m)
+    return _adopt(twin, m)
 
 
 def _drop_path(attr: str):
@@ -191,6 +220,8 @@ TWINS[nn.MaxPool2d] = _max_pool
 for _t in _optional("timm.layers.pool2d_same", "MaxPool2dSame"):
     TWINS[_t] = lambda m: _max_pool(m, _same_geometry(m))
 TWINS[nn.AvgPool2d] = _avg_pool
+for _t in _timm("SpaceToDepth"):
+    TWINS[_t] = lambda m: _adopt(snn.SparseSpaceToDepth(m.bs), m)
 for _t in _timm("DropPath"):
     TWINS[_t] = _drop_path("drop_prob")
 for _t in _optional("torchvision.ops", "StochasticDepth"):
@@ -218,13 +249,14 @@ def _refusal(m: nn.Module) -> Optional[str]:
             return "return_indices=True"
         if s[0] != s[1]:
             return f"unequal strides {m.stride}"
-        if m.ceil_mode and not (k == s and p == (0, 0)):
-            return "ceil_mode=True on overlapping windows (changes the output grid)"
-    if isinstance(m, nn.AvgPool2d):
-        if m.divisor_override is not None:
-            return "divisor_override"
-        if m.count_include_pad and _pair(m.padding) != (0, 0):
-            return "count_include_pad=True with padding (the sparse mean counts active sites only)"
+        g = _ceil_geometry(m) if m.ceil_mode else None
+        if m.ceil_mode and g is None:
+            return (f"ceil_mode=True with kernel {m.kernel_size}, stride {m.stride}, padding {m.padding} "
+                    "(changes the output grid: it is not input / stride)")
+        if isinstance(m, nn.AvgPool2d) and g is not None and m.count_include_pad and g.pad_hi != g.pad_lo:
+            return "ceil_mode=True with count_include_pad=True on overlapping windows (an uneven divisor)"
+    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
+        return "divisor_override"
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
         return f"normalized_shape={tuple(m.normalized_shape)} (only the channel dim)"
     if hasattr(m, "scale_by_keep") and not m.scale_by_keep:
@@ -245,6 +277,17 @@ def _fusable_pad(pad: nn.Module, nxt: Optional[nn.Module]) -> Optional[str]:
             type(nxt) not in _TIMM_CONV_SAME + _TIMM_STD_SAME + _TIMM_SSTD_SAME:
         return None
     return f"padding (value {value}) before {type(nxt).__name__} cannot be folded into its window"
+
+
+def _upsample_refusal(m: nn.Module) -> Optional[str]:
+    """Why an upsampling layer has no sparse meaning, or None (nearest, one integer factor)."""
+    f = m.scale_factor
+    f = tuple(f) if isinstance(f, (tuple, list)) else (f, f)
+    if m.mode not in ("nearest", "nearest-exact"):
+        return f"mode={m.mode!r} (only nearest upsampling: each finer site takes its parent's value)"
+    if m.size is not None or f[0] is None or f[0] != f[1] or float(f[0]) != int(f[0]):
+        return f"size={m.size}, scale_factor={m.scale_factor} (only one integer scale factor)"
+    return None
 
 
 def _walk(module: nn.Module, prefix: str = "") -> Iterator[Tuple[str, nn.Module, nn.Module, str]]:
@@ -272,6 +315,8 @@ def unsupported_layers(model: nn.Module) -> List[Tuple[str, str, str]]:
             why = _refusal(m)
         elif isinstance(m, _PADS):
             why = _fusable_pad(m, _next_sibling(parent, name))
+        elif isinstance(m, _UPSAMPLE):
+            why = _upsample_refusal(m)
         elif isinstance(m, nn.AdaptiveAvgPool2d):
             why = None if _pair(m.output_size) == (1, 1) else f"output_size={m.output_size} (only global pooling)"
         elif _kept(m) or _is_engine_module(m):
@@ -294,7 +339,7 @@ def sparsify_layers(model: nn.Module) -> nn.Module:
         raise UnsupportedLayerError(
             f"{len(refused)} layer(s) of {type(model).__name__} cannot run sparsely:\n{lines}\n"
             f"Supported layers: {', '.join(supported_layer_types())}, activations, dropout, Identity, "
-            "AdaptiveAvgPool2d(1) and the glue ops of sparse_mim.engine.functions. Replace these layers or "
+            "AdaptiveAvgPool2d(1), nearest Upsample and the glue ops of sparse_mim.engine.functions. Replace these layers or "
             "leave them out of the encoder.", [(p, t) for p, t, _ in refused])
     for path, m, parent, name in list(_walk(model)):
         if isinstance(m, _PADS):

@@ -37,6 +37,10 @@ class SiteTensor:
     manager: CoordinateManager
     stride: int
     layout: str = "nchw"
+    #: ``g`` while the tensor stands for the 5-d view ``(B, g, C/g, H, W)`` of its channels (split
+    #: attention's radix groups, selective kernels' branches, a channel shuffle); the data keeps its
+    #: 4-d form (rows (N, C), or the (B, C, H, W) map), since only the channel axis is regrouped.
+    channel_groups: Optional[int] = None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -66,13 +70,16 @@ class SiteTensor:
         """The dense shape this tensor stands for, in its logical layout."""
         h, w = self.spatial_shape
         b, c = self.batch_size, self.num_channels
+        g = self.channel_groups
+        if g is not None:
+            return torch.Size((b, g, c // g, h, w))
         return torch.Size((b, c, h, w) if self.layout == "nchw" else (b, h, w, c))
 
     def size(self, dim=None):
         return self.shape if dim is None else self.shape[dim]
 
     def dim(self) -> int:
-        return 4
+        return 4 if self.channel_groups is None else 5
 
     ndim = property(dim)
 
@@ -113,6 +120,14 @@ class SiteTensor:
     def _same_kind(self, out: "SiteTensor") -> "SiteTensor":
         if self.layout != "nchw":
             out.layout = self.layout
+        if self.channel_groups is not None:
+            out.channel_groups = self.channel_groups
+        return out
+
+    def grouped(self, groups: Optional[int], data: Optional[torch.Tensor] = None) -> "SiteTensor":
+        """Same sites, with the channels viewed as ``groups`` groups (None: the plain 4-d map)."""
+        out = self.replace(self.data if data is None else data)
+        out.channel_groups = groups
         return out
 
     @property

@@ -40,7 +40,9 @@ CHECKPOINT_NAME = "checkpoint.pth"
 
 
 def encoder_export_name(arch: str) -> str:
-    return f"encoder_{arch}.safetensors"
+    """``encoder_<arch>.safetensors``, with ``:`` (``sparsify:resnet50``) spelled ``-``: a colon is not
+    allowed in Windows file names and reads as a drive or remote in many tools."""
+    return f"encoder_{arch.replace(':', '-')}.safetensors"
 
 
 # -- random number generators ----------------------------------------------------------------------

@@ -3,8 +3,9 @@ from .conv import conv2d
 from .linear import linear
 from .norm import batch_norm, group_norm, layer_norm
 from .pool import avg_pool2d, max_pool2d
+from .resample import space_to_depth, upsample_nearest
 from .sample import drop_path, global_avg_pool, grn, per_sample_sum
 from .window import WindowGeometry, current_execution, execution
 
 __all__ = ["conv2d", "linear", "batch_norm", "group_norm", "layer_norm", "avg_pool2d", "max_pool2d", "drop_path",
-           "global_avg_pool", "grn", "per_sample_sum", "WindowGeometry", "execution", "current_execution"]
+           "space_to_depth", "upsample_nearest", "global_avg_pool", "grn", "per_sample_sum", "WindowGeometry", "execution", "current_execution"]

@@ -6,7 +6,9 @@ Sparse semantics (documented choice, the MinkowskiEngine one):
   masked zeros into the max; both agree after a ReLU (true for the ResNet stem), not in general.
 * average pooling divides by the number of *active* sites of the window (padding and masked sites
   excluded). For windows that lie inside one patch (ResNet-D's 2x2/2 ``avg_down``) this equals the
-  dense average.
+  dense average. With ``count_include_pad=True`` (``nn.AvgPool2d``'s default, Res2Net, ResNeSt) it
+  divides by the window area instead: padding and masked sites count as zeros, which is what SparK's
+  masked-dense simulation computes and, on a fully visible image, the dense layer.
 The masked-dense reference below implements exactly these semantics with -inf fills and mask counts.
 """
 from __future__ import annotations
@@ -100,7 +102,8 @@ def _bordered_max_pool(dense: torch.Tensor, geom: WindowGeometry, border: float)
     return _max_pool(_padded(dense, geom, border), geom.kernel, geom.stride, 0, geom.dilation)
 
 
-def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
+def avg_pool2d(x: SiteTensor, geom: WindowGeometry, count_include_pad: bool = False) -> SiteTensor:
+    """Mean over the active sites of each window, or with ``count_include_pad`` their sum / window area."""
     geom.check_grid(x.spatial_shape)
     out_stride = x.stride * geom.stride
     if isinstance(x, MaskedDenseTensor):
@@ -108,24 +111,30 @@ def avg_pool2d(x: SiteTensor, geom: WindowGeometry) -> SiteTensor:
         pool = lambda t: F.avg_pool2d(_padded(t, geom, 0.0), geom.kernel, geom.stride, 0)
         if geom.dilation != (1, 1):
             raise SparseInputError("avg_pool2d has no dilation")
-        out = pool(x.dense_features) / pool(mask).clamp(min=1e-12)
+        out = pool(x.dense_features)
+        if not count_include_pad:
+            out = out / pool(mask).clamp(min=1e-12)
         return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
-    if current_backend() == "minkowski":
+    if current_backend() == "minkowski" and not count_include_pad:
         from .. import minkowski
         return minkowski.avg_pool2d(x, geom)
     path = choose_path(x, geom)
     ones = x.replace(torch.ones_like(x.features[:, :1]))
     if path in ("tiles", "canvas"):
         if path == "tiles":
-            tiles, counts = gather_tiles(x, geom), gather_tiles(ones, geom)
+            tiles = gather_tiles(x, geom)
+            counts = None if count_include_pad else gather_tiles(ones, geom)
         else:
-            tiles, counts = _padded(x.dense(), geom, 0.0), _padded(ones.dense(), geom, 0.0)
-        s = F.avg_pool2d(tiles, geom.kernel, geom.stride, 0)
-        c = F.avg_pool2d(counts, geom.kernel, geom.stride, 0)
-        out = s / c
+            tiles = _padded(x.dense(), geom, 0.0)
+            counts = None if count_include_pad else _padded(ones.dense(), geom, 0.0)
+        out = F.avg_pool2d(tiles, geom.kernel, geom.stride, 0)
+        if counts is not None:
+            out = out / F.avg_pool2d(counts, geom.kernel, geom.stride, 0)
         rows = tile_rows(out, x.manager.tile_side(out_stride)) if path == "tiles" else canvas_rows(out, x, out_stride)
     else:
-        neigh = gather_neighbors(x, geom)
-        cnt = gather_neighbors(ones, geom).sum(1)
-        rows = neigh.sum(1) / cnt
+        neigh = gather_neighbors(x, geom).sum(1)
+        if count_include_pad:
+            rows = neigh / (geom.kernel[0] * geom.kernel[1])
+        else:
+            rows = neigh / gather_neighbors(ones, geom).sum(1)
     return SparseTensor(rows, manager=x.manager, stride=out_stride)
