@@ -4,9 +4,19 @@ masked-dense reference, forward and gradients."""
 import math
 
 import pytest
+import torch
 import torch.nn as nn
 
 from sparse_mim.bench import coverage
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small float64 workloads: one thread (on a busy machine two wait on each other, 100x for depthwise)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("key", coverage.TESTED)
@@ -34,7 +44,7 @@ def test_a_model_that_differs_from_its_dense_self_is_reported_wrong(monkeypatch)
         return outs[:-1] + [outs[-1] * (1 + 1e-6)]
 
     monkeypatch.setattr(sparsified.SparsifiedBackbone, "forward_features", off_by_a_little)
-    result = coverage.check(coverage.find_arch("timm:resnet10t"), img_size=64)
+    result = coverage.check(coverage.find_arch("timm:resnet10t"))
     assert result.status == "wrong"
     assert 1e-7 < result.visible_error < 1e-5
 
@@ -48,7 +58,7 @@ def test_an_unsupported_layer_is_reported_refused_with_its_path(monkeypatch):
         return model
 
     monkeypatch.setattr(coverage, "build_dense", with_instance_norm)
-    result = coverage.check(coverage.find_arch("timm:resnet10t"), img_size=64)
+    result = coverage.check(coverage.find_arch("timm:resnet10t"))
     assert result.status == "refused" and result.stage == "sparsify"
     assert "layer1.0.bn1" in result.detail
     assert all(math.isnan(e) for e in result.errors)

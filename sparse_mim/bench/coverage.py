@@ -294,7 +294,9 @@ def _one_line(e: BaseException, limit: int = 600) -> str:
 
 
 def _feature_paths(backbone) -> List[str]:
-    return list(getattr(backbone, "_paths", []) or [])
+    """The module paths whose outputs are the encoder's four maps."""
+    paths = getattr(backbone, "feature_modules", None)
+    return list(paths if isinstance(paths, (list, tuple)) else getattr(backbone, "_paths", []) or [])
 
 
 def _dense_features(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> List[torch.Tensor]:
