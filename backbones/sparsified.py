@@ -47,45 +47,61 @@ class SparsifiedBackbone(SparseBackbone):
         training = model.training
         with dry_run.prepared(model) as dtype:
             trace = dry_run.trace_dense(model, dtype)
-            if feature_modules is None and _returns_feature_list(model):
-                info = model.feature_info
-                picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
-                self._list_indices = [i for i, _ in picks]
-                self._paths: List[str] = []
-                references = [trace.last_call("").saved[i] for i in self._list_indices]
-                head = []
-            else:
-                paths, reductions, channels = _feature_modules(model, feature_modules, trace)
-                picks = _pick(reductions, channels, type(model).__name__)
-                self._list_indices = None
-                self._paths = [paths[i] for i, _ in picks]
-                references = [trace.last_call(p).saved for p in self._paths]
-                head = dry_run.head_modules(trace, self._paths[-1])
-            self.feature_channels = [c for _, c in picks]
-            dropped = dry_run.drop(model, head)
-            try:
-                sparsify_layers(model)
-            except UnsupportedLayerError:
-                dry_run.put_back(model, dropped)
-                raise
-            self.dropped_head = list(dropped)  # module paths, for messages and docs
-            for name, child in model.named_children():
-                self.add_module(name, child)
-            for name, p in model.named_parameters(recurse=False):
-                self.register_parameter(name, p)
-            if any(True for _ in model.named_buffers(recurse=False)):
-                raise UnsupportedLayerError(f"{type(model).__name__} holds buffers of its own (outside any layer); "
-                                            "sparsify supports models whose state lives in their layers")
-            self.__dict__["_model"] = model  # not a submodule: its children are ours, under the same names
-            for i, path in enumerate(self._paths):
-                m = model.get_submodule(path)
-                m._sparse_feature_index = i
-                m.register_forward_hook(self._capture)
-            self.norm_kind = _norm_kind(self)
-            self._captured: List = []
-            dry_run.check_sparse(self, trace, references, self._paths or [f"output {i}" for i in self._list_indices],
-                                 dtype)
+            references, head = self._choose_features(model, feature_modules, trace)
+            self.dropped_head = self._swap_layers(model, head)  # module paths, for messages and docs
+            self._adopt(model)
+            names = self._paths or [f"output {i}" for i in self._list_indices]
+            dry_run.check_sparse(self, trace, references, names, dtype)
         self.training = training  # the modules' own modes are as they were (restored by prepared)
+
+    def _choose_features(self, model: nn.Module, feature_modules, trace: dry_run.DenseTrace):
+        """Set which outputs are the 4 maps; return the dense maps of the trace and the head's paths."""
+        if feature_modules is None and _returns_feature_list(model):
+            info = model.feature_info
+            picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
+            self._list_indices = [i for i, _ in picks]
+            self._paths: List[str] = []
+            self.feature_channels = [c for _, c in picks]
+            return [trace.last_call("").saved[i] for i in self._list_indices], []
+        paths, reductions, channels = _feature_modules(model, feature_modules, trace)
+        picks = _pick(reductions, channels, type(model).__name__)
+        self._list_indices = None
+        self._paths = [paths[i] for i, _ in picks]
+        self.feature_channels = [c for _, c in picks]
+        return [trace.last_call(p).saved for p in self._paths], dry_run.head_modules(trace, self._paths[-1])
+
+    @staticmethod
+    def _swap_layers(model: nn.Module, head: List[str]) -> List[str]:
+        """Head -> Identity, then every layer -> its twin; on a refused layer the head is put back."""
+        dropped = dry_run.drop(model, head)
+        try:
+            sparsify_layers(model)
+        except UnsupportedLayerError:
+            dry_run.put_back(model, dropped)
+            raise
+        return list(dropped)
+
+    def _adopt(self, model: nn.Module) -> None:
+        """Register the model's children and own parameters as ours; hook the feature modules."""
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        if any(True for _ in model.named_buffers(recurse=False)):
+            raise UnsupportedLayerError(f"{type(model).__name__} holds buffers of its own (outside any layer); "
+                                        "sparsify supports models whose state lives in their layers")
+        self.__dict__["_model"] = model  # not a submodule: its children are ours, under the same names
+        for i, path in enumerate(self._paths):
+            m = model.get_submodule(path)
+            m._sparse_feature_index = i
+            m.register_forward_hook(self._capture)
+        self.norm_kind = _norm_kind(self)
+        self._captured: List = []
+
+    @property
+    def feature_modules(self) -> List[str]:
+        """Paths of the modules whose outputs are the 4 maps (empty for a timm ``features_only`` model)."""
+        return list(self._paths)
 
     def _capture(self, module, inputs, output):
         i = module._sparse_feature_index

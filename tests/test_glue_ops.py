@@ -244,6 +244,15 @@ def test_space_to_depth_stem():
     check(model)
 
 
+@pytest.mark.parametrize("pad_mode", ["reflect", "constant"])
+def test_blur_pool_reads_mirrored_sites_at_the_border(pad_mode):
+    timm_layers = pytest.importorskip("timm.layers")
+    blur = timm_layers.BlurPool2d(8, filt_size=3, stride=2, pad_mode=pad_mode)  # ResNet-blur, TResNet
+    model = Glue(lambda m, x: m.conv(m.blur(x)), blur=blur, conv=nn.Conv2d(8, 4, 3, padding=1))
+    assert type(sparsify_layers(copy.deepcopy(model)).blur).__name__ == "SparseBlurPool2d"
+    check(model)
+
+
 # -- pooling ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("stride", [1, 2])
 def test_avg_pool_counting_padding_divides_by_the_window_area(stride):

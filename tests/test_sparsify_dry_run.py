@@ -69,7 +69,7 @@ def test_a_late_registered_module_used_mid_network_is_kept_and_only_the_head_dro
     sparse = sparsify(LateActNet())
     assert sparse.dropped_head == ["pool", "fc"]
     assert isinstance(sparse.act, nn.GELU) and "norm.weight" in sparse.state_dict()
-    assert sparse._paths == FEATURES
+    assert sparse.feature_modules == FEATURES
 
 
 def test_a_late_registered_layer_without_a_twin_used_mid_network_is_refused_not_dropped():
@@ -184,8 +184,20 @@ def test_torchvision_feature_maps_are_found_and_equal_the_dense_model(name, make
     dense = make().to(DT).eval()
     randomize(dense)
     sparse = sparsify(copy.deepcopy(dense)).eval()
-    assert sparse._paths == expected
+    assert sparse.feature_modules == expected
     x = torch.randn(2, 3, 64, 64, dtype=DT)
     with torch.no_grad():
         for level, (a, b) in enumerate(zip(sparse(x), dense_features(dense, expected, x))):
             assert_close(a.dense(), b, 1e-10, f"{name} level {level}")
+
+
+def test_a_timm_features_only_model_is_checked_against_its_own_feature_list():
+    import timm
+    dense = timm.create_model("resnet18", features_only=True).to(DT).eval()
+    randomize(dense)
+    sparse = sparsify(copy.deepcopy(dense)).eval()
+    assert sparse.feature_modules == [] and sparse.dropped_head == []
+    x = torch.randn(2, 3, 64, 64, dtype=DT)
+    with torch.no_grad():
+        for level, (a, b) in enumerate(zip(sparse(x), dense(x)[1:])):
+            assert_close(a.dense(), b, 1e-10, f"level {level}")

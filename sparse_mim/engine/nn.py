@@ -21,7 +21,8 @@ from .tensor import SiteTensor
 
 __all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLinear", "SparseBatchNorm2d",
            "SparseSyncBatchNorm", "SparseGroupNorm", "SparseLayerNorm",
-           "SparseMaxPool2d", "SparseAvgPool2d", "SparseSpaceToDepth", "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
+           "SparseMaxPool2d", "SparseAvgPool2d", "SparseSpaceToDepth", "SparseBlurPool2d",
+           "SparseGRN", "SparseGlobalAvgPool", "SparseDropPath",
            "SparseActivation", "SparseReLU", "SparseReLU6", "SparseGELU", "convert_sync_batchnorm"]
 
 
@@ -239,6 +240,26 @@ class SparseSpaceToDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"block_size={self.bs}"
+
+
+class SparseBlurPool2d(nn.Module):
+    """timm's ``BlurPool2d``: a fixed binomial filter per channel over a reflect- (or zero-) padded window,
+    strided (``ops.blur``: a window position outside the image reads the mirrored site)."""
+
+    layout = "nchw"
+
+    def __init__(self, channels=None, filt_size: int = 3, stride: int = 2, pad_mode: str = "reflect"):
+        super().__init__()
+        self.channels, self.filt_size, self.stride, self.pad_mode = channels, filt_size, stride, pad_mode
+        self.padding = [((stride - 1) + (filt_size - 1)) // 2] * 4
+
+    def forward(self, x):
+        if isinstance(x, SiteTensor):
+            _check_layout(self, x)
+            return ops.padded_depthwise_filter(x, self.filt, self.stride, self.padding[0], self.pad_mode)
+        x = F.pad(x, self.padding, mode=self.pad_mode)
+        c = x.shape[1]
+        return F.conv2d(x, self.filt.expand(c, 1, self.filt_size, self.filt_size), stride=self.stride, groups=c)
 
 
 class SparseGRN(nn.Module):

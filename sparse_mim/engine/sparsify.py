@@ -190,6 +190,7 @@ def _timm(names: str):
 
 _TIMM_CONV_SAME, _TIMM_STD, _TIMM_STD_SAME = _timm("Conv2dSame"), _timm("StdConv2d"), _timm("StdConv2dSame")
 _TIMM_SSTD, _TIMM_SSTD_SAME = _timm("ScaledStdConv2d"), _timm("ScaledStdConv2dSame")
+_TIMM_BLUR = _timm("BlurPool2d")
 
 #: dense type -> builder of its sparse twin
 TWINS: Dict[type, Callable[[nn.Module], nn.Module]] = {nn.Conv2d: _conv(snn.SparseConv2d)}
@@ -222,6 +223,8 @@ for _t in _optional("timm.layers.pool2d_same", "MaxPool2dSame"):
 TWINS[nn.AvgPool2d] = _avg_pool
 for _t in _timm("SpaceToDepth"):
     TWINS[_t] = lambda m: _adopt(snn.SparseSpaceToDepth(m.bs), m)
+for _t in _TIMM_BLUR:
+    TWINS[_t] = lambda m: _adopt(snn.SparseBlurPool2d(m.channels, m.filt_size, m.stride, m.pad_mode), m)
 for _t in _timm("DropPath"):
     TWINS[_t] = _drop_path("drop_prob")
 for _t in _optional("torchvision.ops", "StochasticDepth"):
@@ -257,6 +260,9 @@ def _refusal(m: nn.Module) -> Optional[str]:
             return "ceil_mode=True with count_include_pad=True on overlapping windows (an uneven divisor)"
     if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
         return "divisor_override"
+    if type(m) in _TIMM_BLUR:
+        if m.pad_mode not in ("reflect", "constant") or len(set(m.padding)) != 1:
+            return f"pad_mode={m.pad_mode!r}, padding={m.padding} (only even reflect or zero padding)"
     if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
         return f"normalized_shape={tuple(m.normalized_shape)} (only the channel dim)"
     if hasattr(m, "scale_by_keep") and not m.scale_by_keep:

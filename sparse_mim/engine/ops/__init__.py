@@ -1,4 +1,5 @@
 """Functional ops on SparseTensor / MaskedDenseTensor: one place per op's semantics."""
+from .blur import padded_depthwise_filter
 from .conv import conv2d
 from .linear import linear
 from .norm import batch_norm, group_norm, layer_norm
@@ -8,4 +9,5 @@ from .sample import drop_path, global_avg_pool, grn, per_sample_sum
 from .window import WindowGeometry, current_execution, execution
 
 __all__ = ["conv2d", "linear", "batch_norm", "group_norm", "layer_norm", "avg_pool2d", "max_pool2d", "drop_path",
-           "space_to_depth", "upsample_nearest", "global_avg_pool", "grn", "per_sample_sum", "WindowGeometry", "execution", "current_execution"]
+           "space_to_depth", "upsample_nearest", "padded_depthwise_filter", "global_avg_pool", "grn", "per_sample_sum",
+           "WindowGeometry", "execution", "current_execution"]
