@@ -273,6 +273,15 @@ def _info(argv: Sequence[str]) -> Dict[str, str]:
             "torch": torch.__version__, "timm": timm.__version__, "torchvision": torchvision.__version__, "uptime_start": _uptime()}
 
 
+def _read_infos(csv_path: Path) -> List[Dict[str, str]]:
+    """The runs behind a CSV (``<csv>.json``, written beside it)."""
+    path = csv_path.with_suffix(".json")
+    if not path.exists():
+        return []
+    loaded = json.loads(path.read_text())
+    return loaded if isinstance(loaded, list) else [loaded]
+
+
 def _parse_part(text: str):
     k, _, n = text.partition("/")
     if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
@@ -302,7 +311,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows, infos = [], []
         for path in args.sources:
             rows = merge(rows, read_csv(path))
-            infos.append(json.loads(path.with_suffix(".json").read_text()))
+            infos += _read_infos(path)
         docs = args.out == CSV_PATH
     else:
         try:
@@ -316,14 +325,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      done=lambda so_far: write_csv(args.out.with_suffix(".partial.csv"), so_far))
         info["uptime_end"] = _uptime()
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
         infos = [info]
         if args.update and args.out.exists():
             rows = merge(read_csv(args.out), rows)
-            infos.append({"note": "other rows: an earlier run; each row's commit column says which code it measured"})
+            earlier = [i for i in _read_infos(args.out) if "note" not in i]
+            infos = [{**info, "command": info["command"] + " (the rows it names)"}] + earlier + [
+                {"note": "each row's commit column says which code measured it"}]
         args.out.with_suffix(".partial.csv").unlink(missing_ok=True)
         docs = args.out == CSV_PATH and (not (args.models or args.part) or args.update)
     write_csv(args.out, rows)
+    args.out.with_suffix(".json").write_text(json.dumps(infos, indent=1) + "\n")
     write_reports(rows, infos, docs=docs, csv_path=args.out)
     for source in ("timm", "torchvision"):
         print(_summary_line(rows, source, source))
