@@ -103,7 +103,7 @@ TORCHVISION: List[Arch] = [
 ARCHS: List[Arch] = TIMM + TORCHVISION
 
 #: The quick subset the test suite checks on every run (one per family, small and fast).
-TESTED: Tuple[str, ...] = ("timm:resnet10t", "timm:mobilenetv3_small_050", "timm:regnetx_002", "timm:lcnet_050",
+TESTED: Tuple[str, ...] = ("timm:resnest14d", "timm:mobilenetv3_small_050", "timm:regnetx_002", "timm:lcnet_050",
                            "timm:dla46_c", "timm:ghostnet_050", "torchvision:shufflenet_v2_x0_5",
                            "torchvision:mnasnet0_5")
 
