@@ -135,7 +135,7 @@ def summary(rows: List[Dict[str, str]], source: str) -> Dict[str, int]:
 
 
 def _pct(a: int, b: int) -> str:
-    return f"{100.0 * a / b:.0f}%" if b else "-"
+    return f"{100.0 * a / b:.1f}%" if b else "-"
 
 
 def _uses(row: Dict[str, str], pointwise: set) -> str:
