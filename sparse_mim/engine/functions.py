@@ -13,6 +13,19 @@ function, never a silent dense computation):
 * ``torch.cat`` along channels (DenseNet), ``expand_as`` of a gate, ``contiguous``.
 * ``mean`` / ``sum`` over the spatial dims and ``adaptive_avg_pool2d(x, 1)``: per sample over its
   ACTIVE sites, returned as a dense ``(B, C[, 1, 1])`` tensor (squeeze-excitation, ECA).
+* channel slices: ``x[:, a:b]`` (step 1; ``x[..., a:b]`` channels last), ``split`` / ``torch.split``,
+  ``chunk``, ``tensor_split`` and ``narrow`` along the channels (GhostNet, ReXNet, CSPNet, Res2Net,
+  DPN, MixNet, ShuffleNetV2): every site keeps its row, the result is a view of the channels.
+* channel regrouping: ``view`` / ``reshape`` between ``(B, C, H, W)`` and ``(B, g, C/g, H, W)``,
+  ``torch.stack(maps, 1)``, ``transpose(1, 2)`` of the grouped view (a channel shuffle),
+  ``flatten(1, 2)``; ``sum`` / ``mean`` / ``softmax`` over the group axis 1 and products with
+  ``(B, g, C/g, 1, 1)`` gates (ResNeSt's split attention, SKNet's selective kernels). Only the
+  channel axis is regrouped (``SiteTensor.channel_groups``); spatial dims are never merged or split.
+* ``softmax`` over the channels of each site; ``mean`` / ``sum`` / ``amax`` over the channels with
+  ``keepdim=True`` (CBAM's spatial gate); masked sites stay zero in the reference.
+* ``F.interpolate`` / ``nn.Upsample``, nearest with one integer factor: each site of the finer stride
+  takes its parent's value, on the manager's active set of that stride (HRNet, GhostNet V2).
+* ``F.avg_pool2d`` / ``F.max_pool2d`` called functionally: the pooling twins' semantics.
 """
 from __future__ import annotations
 
