@@ -313,6 +313,12 @@ def test_glue_without_a_sparse_meaning_is_refused_with_the_reason(op, message):
         op(_sparse_input())
 
 
+def test_writing_into_a_slice_is_refused_by_name():
+    x = _sparse_input()
+    with pytest.raises(UnsupportedOperationError, match=r"__setitem__ is not supported on sparse tensors"):
+        x[:, :4] = x[:, 4:]
+
+
 def test_a_channel_grouped_tensor_cannot_enter_a_layer():
     conv = sparsify_layers(nn.Sequential(nn.Conv2d(4, 4, 1)))[0]
     with pytest.raises(UnsupportedOperationError, match="channel-grouped"):

@@ -247,7 +247,7 @@ def _refusal(m: nn.Module) -> Optional[str]:
         if _pair(m.stride)[0] != _pair(m.stride)[1]:
             return f"unequal strides {m.stride}"
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-        k, s, p = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding)
+        s = _pair(m.stride)
         if getattr(m, "return_indices", False):
             return "return_indices=True"
         if s[0] != s[1]:
@@ -345,8 +345,8 @@ def sparsify_layers(model: nn.Module) -> nn.Module:
         raise UnsupportedLayerError(
             f"{len(refused)} layer(s) of {type(model).__name__} cannot run sparsely:\n{lines}\n"
             f"Supported layers: {', '.join(supported_layer_types())}, activations, dropout, Identity, "
-            "AdaptiveAvgPool2d(1), nearest Upsample and the glue ops of sparse_mim.engine.functions. Replace these layers or "
-            "leave them out of the encoder.", [(p, t) for p, t, _ in refused])
+            "AdaptiveAvgPool2d(1), nearest Upsample and the glue ops of sparse_mim.engine.functions. Replace these "
+            "layers or leave them out of the encoder.", [(p, t) for p, t, _ in refused])
     for path, m, parent, name in list(_walk(model)):
         if isinstance(m, _PADS):
             _fold_pad(parent, name, m)
