@@ -135,10 +135,10 @@ def convnext_large(**kwargs) -> SparseConvNeXt:
 
 
 #: ConvNeXt V2 sizes (timm's): (depths, dims, conv_mlp); timm keeps atto..nano's MLPs as 1x1 convs.
-#: Other timm convnextv2 names (small, huge) run through ``sparsify``.
+#: Other timm convnextv2 names (small, large, huge) run through ``sparsify``.
 _V2 = dict(atto=((2, 2, 6, 2), (40, 80, 160, 320), True), femto=((2, 2, 6, 2), (48, 96, 192, 384), True),
            pico=((2, 2, 6, 2), (64, 128, 256, 512), True), nano=((2, 2, 8, 2), (80, 160, 320, 640), True),
-           tiny=(*_V1["tiny"], False), base=(*_V1["base"], False), large=(*_V1["large"], False))
+           tiny=(*_V1["tiny"], False), base=(*_V1["base"], False))
 
 
 def _convnextv2(size: str):

@@ -14,8 +14,9 @@ import torch
 from .archs import ARCHS, get_arch
 from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
 from .errors import ConversionError
-from .minkowski_checkpoints import to_minkowski
-from .sources import load_encoder
+from .fcmae import FCMAE_DECODER_GROUPS
+from .minkowski_checkpoints import fcmae_decoder_of, to_minkowski
+from .sources import load_encoder, read_checkpoint_file
 from .timm_names import timm_classifier_keys, to_timm
 from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
 from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
@@ -73,6 +74,10 @@ def _convert(args: argparse.Namespace) -> None:
         left_to_target = []
     elif args.to == "minkowski":
         written = to_minkowski(state_dict, args.arch)
+        decoder = fcmae_decoder_of(read_checkpoint_file(args.checkpoint)[0])  # an FCMAE run is written whole
+        if decoder:
+            written.update(decoder)
+            dropped = {g: n for g, n in dropped.items() if g not in FCMAE_DECODER_GROUPS}
         atomic_write(args.out, lambda tmp: torch.save({"model": written, "arch": args.arch}, tmp))
         left_to_target = timm_classifier_keys(args.arch)
     else:

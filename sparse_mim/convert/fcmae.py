@@ -30,7 +30,7 @@ from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, m
 from .verify import key_problems, shapes_of
 
 __all__ = ["from_fcmae", "fcmae_to_timm", "timm_to_fcmae", "is_fcmae_layout", "FCMAE_DECODER_GROUPS",
-           "official_fcmae_to_ours", "ours_to_official_fcmae", "official_fcmae_name"]
+           "official_fcmae_to_ours", "ours_to_official_fcmae", "official_fcmae_name", "fcmae_head_state_dict"]
 
 #: Top-level groups of an FCMAE model that belong to the decoder (dropped by the official fine-tuning).
 FCMAE_DECODER_GROUPS = ("mask_token", "proj", "decoder", "pred")
@@ -153,6 +153,21 @@ def ours_to_official_fcmae(state_dict: Mapping[str, torch.Tensor]) -> dict[str, 
         raise ConversionError(f"{len(unknown)} keys have no counterpart in the official FCMAE model: "
                               + ", ".join(unknown[:20]))
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def fcmae_head_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder side (mask_token, proj, decoder, pred) of a whole FCMAE state dict under our names:
+    renamed from the official layout when the file is an official checkpoint, as-is from ours."""
+    head = {k: v for k, v in weights.items() if k.split(".", 1)[0] in FCMAE_DECODER_GROUPS}
+    official = any(k.startswith("encoder.downsample_layers.") for k in weights) or \
+        any(k.startswith("decoder.") and ".dwconv." in k for k in head)
+    if not official:
+        return head
+    renamed, unknown = official_fcmae_to_ours(head)
+    if unknown:
+        raise ConversionError(f"{len(unknown)} decoder keys of the FCMAE checkpoint have no counterpart: "
+                              + ", ".join(unknown[:20]))
+    return renamed
 
 
 def official_fcmae_name(name: str) -> str | None:

@@ -6,7 +6,9 @@
   `.kernel` (`(K, C_in, C_out)`, `(C_in, C_out)` for a stride-1 1x1 conv, depthwise `(K, C)`) and its
   bias as `(1, C_out)`; norms are unchanged. Reading such a file back needs the arch, whose timm
   shapes tell each kernel's size.
-A written file is `{"model": {"encoder.<key>": tensor}, "arch": NAME}`, like an FCMAE checkpoint.
+A written file is `{"model": {"encoder.<key>": tensor}, "arch": NAME}`, like an FCMAE checkpoint. An
+FCMAE pretraining run of ours is written whole (`fcmae_decoder_of`): encoder, mask_token, proj, decoder
+and pred, the state_dict the official `FCMAE` module loads with strict=True.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from collections.abc import Mapping
 import torch
 
 from .errors import ConversionError
-from .fcmae import timm_to_fcmae
+from .fcmae import FCMAE_DECODER_GROUPS, ours_to_official_fcmae, timm_to_fcmae
 from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
 
-__all__ = ["to_minkowski", "from_minkowski_layout", "is_minkowski_layout"]
+__all__ = ["to_minkowski", "from_minkowski_layout", "is_minkowski_layout", "fcmae_decoder_of"]
 
 _KERNEL = ".kernel"
 _STRIDED_1X1 = re.compile(r"layer[2-9]\d*\.0\.downsample\.0\.weight")  # ResNet shortcuts of stages 2..4
@@ -52,6 +54,18 @@ def to_minkowski(encoder: Mapping[str, torch.Tensor], arch: str) -> dict[str, to
         else:
             out[f"encoder.{key}"] = value
     return out
+
+
+def fcmae_decoder_of(raw: Mapping) -> dict[str, torch.Tensor]:
+    """The decoder side of one of our FCMAE pretraining checkpoints, in the official names and layouts
+    (to add to `to_minkowski`'s encoder); empty for any other checkpoint."""
+    from .sources import PRETRAIN_FORMAT, all_weights
+
+    config = raw.get("config") if isinstance(raw, Mapping) else None
+    if raw.get("format") != PRETRAIN_FORMAT or not isinstance(config, Mapping) or config.get("method") != "fcmae":
+        return {}
+    weights = all_weights(raw)
+    return ours_to_official_fcmae({k: v for k, v in weights.items() if k.split(".", 1)[0] in FCMAE_DECODER_GROUPS})
 
 
 def from_minkowski_layout(encoder: Mapping[str, torch.Tensor], arch: str | None) -> dict[str, torch.Tensor]:

@@ -97,8 +97,9 @@ class PretrainTransform:
                 f"interpolation=bicubic, hflip={self.hflip}, normalize=imagenet)")
 
 
-def build_transform(img_size: int) -> PretrainTransform:
-    return PretrainTransform(img_size)
+def build_transform(img_size: int, scale: Tuple[float, float] = (0.67, 1.0)) -> PretrainTransform:
+    """``scale``: the crop's share of the image area (SparK 0.67-1; FCMAE 0.2-1)."""
+    return PretrainTransform(img_size, tuple(scale))
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ simulation on the same weights (the benchmark baseline and the tests' reference)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set
 
 import torch
 import torch.nn as nn
@@ -158,6 +158,19 @@ class FCMAE(nn.Module):
     def official_names(self) -> Dict[str, str]:
         """Our parameter name -> the official ``FCMAE`` state_dict name it corresponds to."""
         return {n: official_fcmae_name(n) for n, _ in self.named_parameters()}
+
+    def no_weight_decay_names(self) -> Set[str]:
+        """The official pretraining's no-decay group: parameters that are 1-D or named ``*.bias`` in the
+        official model (so its GRN gamma/beta, (1, C) there, and the mask token do take decay)."""
+        shapes = self._official_shapes()
+        return {n for n, official in self.official_names().items()
+                if len(shapes[official]) == 1 or official.endswith(".bias")}
+
+    def _official_shapes(self) -> Dict[str, tuple]:
+        from sparse_mim.convert.fcmae import ours_to_official_fcmae
+
+        meta = {n: torch.empty(p.shape, device="meta") for n, p in self.named_parameters()}
+        return {k: tuple(v.shape) for k, v in ours_to_official_fcmae(meta).items()}
 
     def load_official_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> LoadResult:
         """Load an official ``FCMAE.state_dict()`` (MinkowskiEngine layouts, decoder included).

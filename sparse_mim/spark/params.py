@@ -19,7 +19,11 @@ def _skips_decay(name: str, param) -> bool:
 
 
 def no_weight_decay_names(model: nn.Module) -> Set[str]:
-    """Names of the trainable parameters of ``model`` that take no weight decay."""
+    """Names of the trainable parameters of ``model`` that take no weight decay (a model that
+    defines ``no_weight_decay_names()`` itself, like FCMAE with its official groups, decides)."""
+    own = getattr(model, "no_weight_decay_names", None)
+    if callable(own):
+        return set(own())
     return {n for n, p in model.named_parameters() if p.requires_grad and _skips_decay(n, p)}
 
 

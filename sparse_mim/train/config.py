@@ -14,6 +14,7 @@ from sparse_mim.data.tensor_decode import DECODERS
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
 from .distributed import GRAD_SYNCS
+from .methods import method_errors
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
 
@@ -88,6 +89,11 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
             errors.append(f"model: {e}")
 
     errors += image_and_mask_errors(cfg.data.img_size, [cfg.mask_ratio], "data.img_size", "mask_ratio")
+    errors += method_errors(cfg)
+    scale = cfg.data.crop_scale
+    _require(OmegaConf.is_list(scale) and len(scale) == 2 and all(_is_number(v) for v in scale)
+             and 0 < scale[0] <= scale[1] <= 1, f"data.crop_scale must be two numbers 0 < low <= high <= 1, "
+             f"e.g. [0.2,1.0], got {scale!r}", errors)
     errors += _backend_errors(cfg)
 
     t = cfg.train
@@ -101,8 +107,8 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     _require(is_int(t.epochs) and t.epochs >= 1, f"train.epochs must be an integer >= 1, got {t.epochs!r}", errors)
     _require(t.max_steps is None or (is_int(t.max_steps) and t.max_steps >= 1),
              f"train.max_steps must be null or an integer >= 1, got {t.max_steps!r}", errors)
-    _require(isinstance(t.base_lr, (int, float)) and t.base_lr > 0,
-             f"train.base_lr must be > 0, got {t.base_lr!r}", errors)
+    _require(t.base_lr is None or (_is_number(t.base_lr) and t.base_lr > 0),
+             f"train.base_lr must be null (the method's) or > 0, got {t.base_lr!r}", errors)
     _require(isinstance(t.warmup_epochs, (int, float)) and 0 <= t.warmup_epochs <= (t.epochs or 0),
              f"train.warmup_epochs must lie in [0, train.epochs={t.epochs}], got {t.warmup_epochs!r}", errors)
     _require(t.clip_grad is None or (isinstance(t.clip_grad, (int, float)) and t.clip_grad > 0),

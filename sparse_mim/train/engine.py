@@ -39,11 +39,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def global_batch_mask(seed: int, step: int, global_batch: int, grid: Tuple[int, int], mask_ratio: float,
-                      info: DistInfo) -> torch.Tensor:
-    """This rank's share of global batch ``step``'s patch mask (True = visible), on its device."""
+                      info: DistInfo, keep: Optional[int] = None) -> torch.Tensor:
+    """This rank's share of global batch ``step``'s patch mask (True = visible), on its device;
+    ``keep``: visible patches per image when the method counts them its own way (FCMAE)."""
     mask_seed = int(np.random.SeedSequence([seed, _MASK_STREAM, step]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(mask_seed)
-    mask = random_patch_mask(global_batch, grid, mask_ratio, generator)
+    mask = random_patch_mask(global_batch, grid, mask_ratio, generator, keep=keep)
     return mask[info.rank::info.world_size].to(info.device, non_blocking=True)
 
 
@@ -69,6 +70,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     global_batch = loader.batch_size * info.world_size
     use_autocast = autocast and info.device.type == "cuda"
     patch_size = unwrap(model).patch_size
+    len_keep = getattr(unwrap(model), "len_keep", None)  # the method's visible count (SparK: None = its rounding)
     unreadable: Set[int] = set()
     tic = time.perf_counter()
     for images, bad in loader:
@@ -78,7 +80,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
         apply_schedule(optimizer, lr, wd)
 
         images = images.to(info.device, non_blocking=True)
-        active = global_batch_mask(seed, step, global_batch, patch_grid(images, patch_size), mask_ratio, info)
+        grid = patch_grid(images, patch_size)
+        active = global_batch_mask(seed, step, global_batch, grid, mask_ratio, info,
+                                   keep=len_keep(grid[0] * grid[1]) if len_keep else None)
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with amp:
             loss = (forward or model)(images, active).loss

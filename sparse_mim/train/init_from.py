@@ -5,7 +5,9 @@ reads (timm state dicts, torchvision ResNets, which share timm's names, our expo
 the reference SparK's files with official ConvNeXt names), checked key by key and shape by shape
 against timm's model. Densify norms, mask tokens, densify projections and the
 decoder are loaded too when the file has them (our checkpoints, the reference SparK's
-``*_withdecoder_1kpretrained_spark_style.pth``), all or nothing. Optimizer, step and schedule always
+``*_withdecoder_1kpretrained_spark_style.pth``), all or nothing; for an FCMAE run, its mask token,
+projection, decoder and prediction head (our FCMAE checkpoints, or the official ConvNeXt V2
+``checkpoint-*.pth`` in MinkowskiEngine layout). Optimizer, step and schedule always
 start fresh. What was loaded and what starts fresh is returned, printed and written to
 ``output_dir/init_from.json``.
 """
@@ -22,6 +24,7 @@ import torch.nn as nn
 
 from sparse_mim.convert import ConversionError, to_timm
 from sparse_mim.convert.archs import check_arch
+from sparse_mim.convert.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
 from sparse_mim.convert.sources import all_weights, read_checkpoint_file
 from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
 from sparse_mim.convert.verify import key_problems, shapes_of
@@ -59,11 +62,26 @@ def _group_of(key: str) -> str:
     return key.split(".", 1)[0]
 
 
+def _head_groups(model: nn.Module) -> tuple:
+    """The model's groups around the encoder: SparK's densify + decoder, or FCMAE's decoder side."""
+    return FCMAE_DECODER_GROUPS if _is_fcmae(model) else HEAD_GROUPS
+
+
+def _is_fcmae(model: nn.Module) -> bool:
+    return hasattr(model, "load_official_state_dict")
+
+
 def _check_head(head: Dict[str, torch.Tensor], model: nn.Module, path: str, spark_config: Optional[dict]) -> None:
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _group_of(k) in HEAD_GROUPS}
+    groups = _head_groups(model)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if _group_of(k) in groups}
     problems = key_problems(shapes_of(head), expected)
     if problems is None:
         return
+    if _is_fcmae(model):
+        raise ConfigError(f"init_from={path}: its FCMAE decoder weights do not fit this model: {problems}\n"
+                          "Check fcmae.decoder_depth and fcmae.decoder_embed_dim (the file's decoder must have the "
+                          f"same shape). To load the encoder only, convert it first: sparse-mim convert {path} "
+                          "--to timm --arch ARCH --out encoder.safetensors")
     width = (spark_config or {}).get("dense_decoder.width")
     hint = f" The file's decoder width is {width}: pass decoder_width={width}." if width else \
         " Check decoder_width (the file's decoder must have the same width)."
@@ -86,7 +104,8 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
         raw, spark_config = split_spark_config(raw)
         check_arch(file_arch, arch)
         encoder = to_timm(raw, arch)
-        head = spark_head_state_dict(all_weights(raw))
+        weights = all_weights(raw)
+        head = fcmae_head_state_dict(weights) if _is_fcmae(model) else spark_head_state_dict(weights)
     except ConversionError as e:
         raise ConfigError(f"init_from={path}: {e}") from None
     if head:
@@ -97,7 +116,7 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
     report = InitReport(path, arch, {"encoder": len(encoder)}, spark_config=spark_config)
     if head:
         model.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.items()}, **head}, strict=True)
-    for group in HEAD_GROUPS:
+    for group in _head_groups(model):
         n = sum(1 for k in head if _group_of(k) == group)
         if n:
             report.loaded[group] = n

@@ -25,19 +25,18 @@ from torch.utils.data import default_collate
 
 from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build_transform, check_batch_fits,
                              set_epoch)
-from sparse_mim.spark import build_spark
 from sparse_mim.spark.graphed import GraphedSparK
-from sparse_mim.spark.masking import patch_grid, random_patch_mask
 
 from sparse_mim.convert.writers import remove_stale_temporaries
 
 from .checkpoint import (CHECKPOINT_NAME, encoder_export_name, load_checkpoint, rank_rng_state, refresh_encoder_export,
                          rng_state, save_checkpoint, set_rng_state)
-from .config import ConfigError, flatten, resolve_grad_sync, to_plain, validate_config
+from .config import CONFIG_DIR, ConfigError, flatten, resolve_grad_sync, to_plain, validate_config
 from .distributed import (DistInfo, all_gather_objects, all_reduce_max, average_gradients, barrier, env_world_size,
                           init_distributed, shutdown, unwrap, wrap_model)
 from .engine import train_one_epoch
 from .init_from import init_from
+from .methods import base_lr_of, build_pretrain_model, method_title, optimizer_of, unused_setting_notes
 from .monitor import LOSS_CURVE_NAME, Monitor, save_loss_curve
 from .optim import build_optimizer
 from .run_control import StopRequest, seed_everything, set_determinism
@@ -48,7 +47,10 @@ from .throughput import DataWaitWatch
 __all__ = ["RESUME_MUST_MATCH", "PretrainResult", "pretrain"]
 
 #: Settings a resumed run must share with its checkpoint (others may change, with a note).
-RESUME_MUST_MATCH = ("model", "data.img_size", "mask_ratio", "decoder_width", "drop_path_rate", "train.batch_size")
+RESUME_MUST_MATCH = ("method", "model", "data.img_size", "mask_ratio", "decoder_width", "drop_path_rate",
+                     "train.batch_size")
+#: ... and, for method=fcmae, the decoder's shape.
+FCMAE_RESUME_MUST_MATCH = ("fcmae.decoder_depth", "fcmae.decoder_embed_dim")
 
 
 @dataclass
@@ -73,7 +75,9 @@ def _check_resumable(ckpt: Dict[str, Any], config: Dict[str, Any], path: Path, d
                           f"model={config['model']}; pass model={ckpt['arch']} to resume it, or a new "
                           f"output_dir to start afresh")
     old, new = flatten(ckpt["config"]), flatten(config)
-    clashes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)]
+    old.setdefault("method", "spark")  # checkpoints from before method= existed are SparK's
+    must_match = RESUME_MUST_MATCH + (FCMAE_RESUME_MUST_MATCH if new.get("method") == "fcmae" else ())
+    clashes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in must_match if old.get(k) != new.get(k)]
     saved = ckpt["rng"]["sampler"]
     for key in ("dataset_size", "steps_per_epoch"):
         if saved[key] != data_state[key]:
@@ -128,9 +132,7 @@ def _reconstruct(model: torch.nn.Module, images: torch.Tensor, seed: int) -> Dic
     bare = unwrap(model)
     bare.eval()
     try:
-        generator = torch.Generator().manual_seed(seed)
-        active = random_patch_mask(len(images), patch_grid(images, bare.patch_size), bare.mask_ratio, generator)
-        active = active.to(images.device)
+        active = bare.mask(images, torch.Generator().manual_seed(seed)).to(images.device)
         return bare.reconstruct(images, bare(images, active))
     finally:
         bare.train()
@@ -142,7 +144,8 @@ def pretrain(cfg: DictConfig) -> PretrainResult:
     config = to_plain(cfg)
     _check_output_dir(Path(config["output_dir"]).expanduser())
     data_cfg, train_cfg = config["data"], config["train"]
-    dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"]), seed=train_cfg["seed"],
+    dataset = build_dataset(data_cfg["path"], build_transform(data_cfg["img_size"], data_cfg["crop_scale"]),
+                            seed=train_cfg["seed"],
                             decode=data_cfg["decode"])
     check_batch_fits(dataset, train_cfg["batch_size"])
     info = init_distributed()
@@ -171,8 +174,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
 
     set_determinism(train_cfg["deterministic"])
     seed_everything(seed + info.rank)
-    model = build_spark(arch, mask_ratio=config["mask_ratio"], drop_path_rate=config["drop_path_rate"],
-                        decoder_width=config["decoder_width"], backend=config.get("backend", "native"))
+    model = build_pretrain_model(config)
     resume_point = _find_resume_point(output_dir)
     init_report = None
     if config.get("init_from") and resume_point is None:
@@ -182,11 +184,12 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     bare = unwrap(model)
     graphed = GraphedSparK(bare) if train_cfg.get("cuda_graph") else None  # validated: CUDA
     sync_gradients = average_gradients if info.distributed and grad_sync == "allreduce" else None
-    optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"])
+    optimizer = build_optimizer(bare, lr=0.0, weight_decay=train_cfg["weight_decay"], betas=train_cfg["betas"],
+                                kind=optimizer_of(config))
 
     loader = build_loader(dataset, train_cfg["batch_size"], info.world_size, info.rank, data_cfg["num_workers"], seed)
     steps_per_epoch = len(loader)
-    schedule = Schedule.from_epochs(base_lr=train_cfg["base_lr"], global_batch=train_cfg["batch_size"],
+    schedule = Schedule.from_epochs(base_lr=base_lr_of(config), global_batch=train_cfg["batch_size"],
                                     epochs=train_cfg["epochs"], warmup_epochs=train_cfg["warmup_epochs"],
                                     steps_per_epoch=steps_per_epoch, weight_decay=train_cfg["weight_decay"],
                                     weight_decay_end=train_cfg["weight_decay_end"], max_steps=train_cfg["max_steps"])
@@ -197,6 +200,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
     notes = [f"data: {dataset.describe()}; {steps_per_epoch} step{'s' if steps_per_epoch != 1 else ''} per epoch "
              f"of {train_cfg['batch_size']} images"
              + (f" ({loader.batch_size} per process x {info.world_size})" if info.distributed else "")]
+    notes += unused_setting_notes(config, to_plain(OmegaConf.load(CONFIG_DIR / "pretrain.yaml")))
     if info.is_main:
         removed = remove_stale_temporaries(output_dir)
         if removed:
@@ -310,7 +314,7 @@ def _run(cfg: DictConfig, config: Dict[str, Any], dataset: AugmentedImages, info
 
     if info.is_main:
         save_loss_curve(monitor.metrics_path, output_dir / LOSS_CURVE_NAME,
-                        f"SparK pretraining, {arch}, {data_cfg['img_size']} px")
+                        f"{method_title(config)} pretraining, {arch}, {data_cfg['img_size']} px")
         how = f"stopped by {signal.Signals(stopped_by).name}" if stopped_by else "finished"
         print(f"{how} at step {step} of {total_steps}; checkpoint: {ckpt_path}; encoder: "
               f"{output_dir / encoder_export_name(arch)}", flush=True)
