@@ -108,6 +108,7 @@ def run_pretraining(args, method: str) -> Dict:
         if not short["result"].losses or not long["result"].losses:
             raise SystemExit(f"{root}: calibration folders hold finished runs from before; delete them to recalibrate")
         state["cpu_s_per_step"] = max(1e-6, (long["cpu_s"] - short["cpu_s"]) / args.calibration_steps)
+    if "done_steps" not in state:  # the budget may change until the run is finished
         state["steps"] = max(1, int(args.cpu_budget / state["cpu_s_per_step"]))
         state["cpu_budget_s"] = args.cpu_budget
         _save(state_path, state)
