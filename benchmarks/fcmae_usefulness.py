@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--epochs", type=int, default=10, help="linear-probe epochs")
     g.add_argument("--batch", type=int, default=64)
     g.add_argument("--linear-lr", type=float, default=1e-2)
+    g.add_argument("--warmup-epochs", type=int, default=1, help="linear-probe lr warmup (below --epochs)")
     g.add_argument("--workers", type=int, default=0)
     p.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every finetune run")
     args = p.parse_args(argv)
@@ -142,7 +143,8 @@ def probe(args, mode: str, arm: str, seed: int) -> Dict:
             raise SystemExit(f"{name}: no pretraining at {weights}; run --stages pretrain --methods {arm} first")
         overrides = [o for o in finetune_overrides(args, mode, "scratch", seed)
                      if not o.startswith(("weights=", "output_dir="))]
-        overrides += [f"weights={weights if weights else 'null'}", f"output_dir={out}"]
+        overrides += [f"weights={weights if weights else 'null'}", f"output_dir={out}",
+                      f"train.warmup_epochs={args.warmup_epochs}"]
         print(f"== {name}", flush=True)
         outcome = finetune(compose_finetune_config(overrides))
         if not outcome.finished:
