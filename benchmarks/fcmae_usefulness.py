@@ -108,7 +108,11 @@ def run_pretraining(args, method: str) -> Dict:
                                            root / f"calibrate_{1 + args.calibration_steps}")
         if not short["result"].losses or not long["result"].losses:
             raise SystemExit(f"{root}: calibration folders hold finished runs from before; delete them to recalibrate")
-        state["cpu_s_per_step"] = max(1e-6, (long["cpu_s"] - short["cpu_s"]) / args.calibration_steps)
+        per_step = (long["cpu_s"] - short["cpu_s"]) / args.calibration_steps
+        if per_step <= 0:
+            raise SystemExit(f"{method}: calibration measured {per_step:.2f} CPU s per step (the machine's load "
+                             f"swamped it); delete {root} and rerun with more --calibration-steps")
+        state["cpu_s_per_step"] = per_step
     if "done_steps" not in state:  # the budget may change until the run is finished
         state["steps"] = max(1, int(args.cpu_budget / state["cpu_s_per_step"]))
         state["cpu_budget_s"] = args.cpu_budget
