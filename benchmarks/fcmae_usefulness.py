@@ -1,6 +1,6 @@
 """FCMAE vs SparK pretraining of the same ConvNeXt V2 for the same CPU time, against random init.
 
-    python benchmarks/fcmae_usefulness.py --data ../datasets/imagenette-128 --out outputs/fcmae_usefulness
+    python benchmarks/fcmae_usefulness.py --data /path/to/imagenette-128 --out outputs/fcmae_usefulness
 
 1. For each pretraining method (``--methods``, default fcmae and spark), measures the process CPU
    seconds of one training step with the real trainer (``sparse-mim pretrain`` for 1 and for
