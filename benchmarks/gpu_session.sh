@@ -5,14 +5,15 @@
 # Steps: equivalence (eager rules + CUDA graph, fp32), graphcheck (CUDA graph only), sweep (execution
 # rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor,
 # scale (issue 12: the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
-# graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min).
+# graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min), fcmae (ConvNeXt V2's
+# FCMAE encoder and step, sparse vs masked-dense, bf16 then float32, ConvNeXt V2-Tiny and -Base, ~3 min).
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).
 # Every step has its own time limit and writes into $OUT as it goes, so a cut-off run still reports.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-bench_out/gpu}"
-STEPS=" ${STEPS:-equivalence sweep bf16 graph fp32 floor} "
+STEPS=" ${STEPS:-equivalence sweep bf16 graph fp32 floor fcmae} "
 mkdir -p "$OUT"
 want() { [[ "$STEPS" == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -60,6 +61,12 @@ fi
 if want floor; then
     echo "== plain dense timm ResNet-50"
     timeout 30 python benchmarks/dense_floor.py --model resnet50 --batch 128 --dtype bfloat16
+fi
+if want fcmae; then
+    echo "== bench method=fcmae (ConvNeXt V2 FCMAE: sparse vs masked-dense encoder and step)"
+    bench fcmae_bf16 120 "${common[@]}" method=fcmae 'models=[convnextv2_tiny,convnextv2_base]' 'mask_ratios=[0.6,0.75]'
+    bench fcmae_fp32 60 batch_size=64 img_size=224 device=cuda warmup=2 repeats=4 dtype=float32 memory=false \
+        'what=[encoder,step]' method=fcmae 'models=[convnextv2_tiny]' 'mask_ratios=[0.6]'
 fi
 if want scale; then
     echo "== data.decode=gpu: CUDA crops vs CPU crops"

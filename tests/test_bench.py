@@ -124,3 +124,24 @@ def test_an_encoder_time_above_its_whole_step_is_flagged():
     assert "parts exceed the whole: see warnings" in table and f"- {warning}" in table
     row["warnings"] = [warning]
     assert flat_rows([row])[0]["warnings"] == warning
+
+
+def test_fcmae_workload_runs_the_same_fcmae_step_sparse_and_masked_dense():
+    from sparse_mim.bench.workload import Workload
+    from sparse_mim.fcmae import FCMAE
+    spec = WorkloadSpec(model="convnextv2_atto", method="fcmae", mask_ratio=0.6, batch_size=2, img_size=64,
+                        device="cpu", autocast=False, channels_last=True, execution="auto", decoder_width=32, seed=0)
+    workload = Workload(spec)
+    assert isinstance(workload.models["sparse"], FCMAE) and workload.models["dense"].dense_reference
+    (active,) = workload.masks(1)
+    assert spec.len_keep == 1 and active.sum((1, 2)).tolist() == [1, 1]  # FCMAE's int(4 * 0.4), not round
+    for what in ("encoder", "step"):
+        sparse, dense = (workload.forward(v, what, active) for v in ("sparse", "dense"))
+        torch.testing.assert_close(sparse, dense, rtol=1e-4, atol=1e-5)
+
+
+def test_fcmae_bench_refuses_a_model_that_is_not_convnext_v2(capsys):
+    assert main(["method=fcmae", "models=[resnet18]"]) == 2
+    assert "FCMAE pretrains ConvNeXt V2 encoders; model=resnet18" in capsys.readouterr().err
+    assert main(["method=mae"]) == 2
+    assert "method must be one of spark, fcmae" in capsys.readouterr().err

@@ -241,6 +241,61 @@ def test_grn_batch_mode_takes_one_norm_over_the_whole_batch():
     assert (a[0] - b[0]).abs().max() > 1e-3
 
 
+def _grn_against_masked_dense(grn: SparseGRN, manager, stride: int, zero_channel: bool = False):
+    """The fused row GRN (sparse) against the masked-dense GRN, forward and all gradients."""
+    h, w = manager.spatial_shape(stride)
+    c = grn.weight.shape[0]
+    x = torch.randn(manager.batch_size, c, h, w, dtype=DT)
+    if zero_channel:  # a channel that is zero over a whole sample: norm 0, gradient 0 (no NaN)
+        x[0, 1] = 0
+    x.requires_grad_()
+    sparse, ref = pair(x, manager, stride)
+    out_s, out_r = grn(sparse).dense(), grn(ref).dense()
+    probe = torch.randn_like(out_s)
+    wrt = [x, grn.weight, grn.bias]
+    gs = torch.autograd.grad((out_s * probe).sum(), wrt)
+    gr = torch.autograd.grad((out_r * probe).sum(), wrt)
+    assert_close(out_s, out_r, what="forward")
+    for name, a, b in zip(("input", "weight", "bias"), gs, gr):
+        assert torch.isfinite(a).all(), name
+        assert_close(a, b, what=f"grad {name}")
+    return sparse
+
+
+def _random_grn(mode: str) -> SparseGRN:
+    grn = SparseGRN(6, mode=mode).to(DT)
+    with torch.no_grad():
+        grn.weight.normal_(), grn.bias.normal_()
+    return grn
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+def test_grn_on_equal_contiguous_samples_runs_as_one_broadcast_and_matches_masked_dense(mode):
+    from sparse_mim.engine.ops.grn_rows import row_groups
+    from sparse_mim.spark import random_patch_mask
+    mask = random_patch_mask(3, (2, 3), 0.5, generator=torch.Generator().manual_seed(0))
+    for manager in (PatchCoordinateManager(mask, 32), PatchCoordinateManager(mask, 32, visible_per_image=3)):
+        for stride in (8, 32):
+            sparse = _grn_against_masked_dense(_random_grn(mode), manager, stride, zero_channel=True)
+            groups = row_groups(sparse, mode)
+            assert groups.index is None and groups.count == (3 if mode == "sample" else 1)
+
+
+@pytest.mark.parametrize("mode", ["sample", "batch"])
+def test_grn_on_unequal_or_unordered_samples_matches_masked_dense(mode):
+    from sparse_mim.engine.ops.grn_rows import row_groups
+    mask = patch_mask("random", 3, (2, 3), generator=torch.Generator().manual_seed(3))
+    mask[1] = False  # sample 1 has no active site at all
+    mask[1, 1, 2] = True
+    active = PatchCoordinateManager(mask, 32).active_mask(16)
+    coords = active.nonzero()
+    shuffled = SiteCoordinateManager(coords[torch.randperm(coords.shape[0])], active.shape[1:], 3, 16)
+    for manager in (SiteCoordinateManager.from_mask(active, 16), shuffled):
+        sparse = _grn_against_masked_dense(_random_grn(mode), manager, 16, zero_channel=True)
+        if mode == "sample":
+            assert row_groups(sparse, mode).index is not None
+
+
 def test_grn_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="GRN mode must be one of sample, batch"):
         SparseGRN(4, mode="image")

@@ -110,12 +110,13 @@ def test_batch_norm_native_equals_minkowski_with_running_stats(layout, train):
 def test_layer_norm_grn_and_global_pool_native_equal_minkowski(layout):
     manager = manager_for(layout)
     ln = SparseLayerNorm(6).double()
-    grn = SparseGRN(6).double()
+    grn, batch_grn = SparseGRN(6).double(), SparseGRN(6, mode="batch").double()
     with torch.no_grad():
-        for p in (*ln.parameters(), *grn.parameters()):
+        for p in (*ln.parameters(), *grn.parameters(), *batch_grn.parameters()):
             p.normal_()
     run_both(ln, manager, 6)
     run_both(grn, manager, 6)
+    run_both(batch_grn, manager, 6)
     run_both(SparseGlobalAvgPool(), manager, 6)
 
 

@@ -18,6 +18,7 @@ __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_con
 CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
 WHAT = ("encoder", "step", "loader")
+METHODS = ("spark", "fcmae")
 DTYPES = ("float32", "bfloat16")
 PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
@@ -31,6 +32,7 @@ class BenchSettings:
     """The checked config with the device and precision actually used."""
 
     models: Tuple[str, ...]
+    method: str             # spark or fcmae: the pretraining model wrapped around the encoder
     mask_ratios: Tuple[float, ...]
     batch_size: int
     img_size: int
@@ -117,6 +119,18 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     elif unknown:
         errors.append(f"models: unknown {', '.join(unknown)}; choose a timm model name (hand-tuned: "
                       f"{', '.join(list_backbones())}; 'sparsify:<name>' forces the general path)")
+    method = str(c.get("method", "spark"))
+    if method not in METHODS:
+        errors.append(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    elif method == "fcmae":
+        from sparse_mim.fcmae import FCMAEModelError, check_fcmae_model
+        for m in models:
+            try:
+                check_fcmae_model(m)
+            except FCMAEModelError as e:
+                errors.append(str(e))
+        if c.get("cuda_graph"):
+            errors.append("cuda_graph=true captures SparK's encoder only; use method=spark or cuda_graph=false")
     size = c["img_size"]
     ratios = _as_list(c["mask_ratios"])
     if not ratios:
@@ -177,7 +191,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     if c["dtype"] == "bfloat16" and not autocast:
         notes.append("dtype=bfloat16 runs as float32 on a CPU (bfloat16 autocast is CUDA-only here)")
     return BenchSettings(
-        models=tuple(models), mask_ratios=tuple(float(r) for r in ratios), batch_size=int(c["batch_size"]),
+        models=tuple(models), method=method, mask_ratios=tuple(float(r) for r in ratios), batch_size=int(c["batch_size"]),
         img_size=int(size), device=device, dtype=str(c["dtype"]), autocast=autocast, warmup=int(c["warmup"]),
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),

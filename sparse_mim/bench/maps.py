@@ -22,7 +22,6 @@ from typing import Callable, Hashable
 import torch
 
 from sparse_mim.engine import PatchCoordinateManager, SparseTensor
-from sparse_mim.spark import random_patch_mask
 
 from .timing import synchronizer
 from .workload import Workload
@@ -62,7 +61,7 @@ def _one(workload: Workload, sync: Callable[[], None], generator: torch.Generato
     images = workload.images["sparse"]
     sync()
     start = time.perf_counter()
-    active = random_patch_mask(spec.batch_size, spec.grid, spec.mask_ratio, generator=generator, device=device)
+    active = spec.random_mask(generator, device)
     manager = ClockedPatchManager(active, encoder.downsample_ratio, sync)
     sync()
     setup = time.perf_counter() - start
@@ -89,7 +88,7 @@ def _one_minkowski(workload: Workload, sync: Callable[[], None], generator: torc
     encoder = workload.models["minkowski"].encoder
     images = workload.images["minkowski"]
     start = time.perf_counter()
-    active = random_patch_mask(spec.batch_size, spec.grid, spec.mask_ratio, generator=generator, device=device)
+    active = spec.random_mask(generator, device)
     manager = PatchCoordinateManager(active, encoder.downsample_ratio)
     x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
     passes = []

@@ -22,7 +22,7 @@ __all__ = ["run_configuration", "run_all", "spec_for"]
 
 
 def spec_for(settings: BenchSettings, model: str, mask_ratio: float) -> WorkloadSpec:
-    return WorkloadSpec(model=model, mask_ratio=mask_ratio, batch_size=settings.batch_size,
+    return WorkloadSpec(model=model, method=settings.method, mask_ratio=mask_ratio, batch_size=settings.batch_size,
                         img_size=settings.img_size, device=str(settings.device), autocast=settings.autocast,
                         channels_last=settings.channels_last, execution=settings.execution,
                         execution_depthwise=settings.execution_depthwise,
@@ -40,7 +40,8 @@ def run_configuration(settings: BenchSettings, model: str, mask_ratio: float,
     spec = spec_for(settings, model, mask_ratio)
     workload = Workload(spec)
     masks = workload.masks(settings.warmup + settings.repeats)
-    row: Dict[str, Any] = {"model": model, "mask_ratio": mask_ratio, "batch_size": spec.batch_size,
+    label = model if settings.method == "spark" else f"{model} ({settings.method})"
+    row: Dict[str, Any] = {"model": label, "method": settings.method, "mask_ratio": mask_ratio, "batch_size": spec.batch_size,
                            "img_size": spec.img_size, "num_patches": spec.num_patches, "len_keep": spec.len_keep,
                            "visible_fraction": spec.visible_fraction,
                            "flops": {}, "time_ms": {}, "times_ms": {}, "speedup": {}, "flop_ratio": {},
@@ -88,7 +89,7 @@ def run_all(settings: BenchSettings, log: Callable[[str], None] = None) -> List[
     total = len(settings.models) * len(settings.mask_ratios)
     for model in settings.models:
         for ratio in settings.mask_ratios:
-            log(f"[{len(rows) + 1}/{total}] {model} mask_ratio={ratio} batch={settings.batch_size} "
+            log(f"[{len(rows) + 1}/{total}] {model} {settings.method} mask_ratio={ratio} batch={settings.batch_size} "
                 f"{settings.img_size}px {settings.effective_dtype} on {settings.device}")
             rows.append(run_configuration(settings, model, ratio, log))
             if settings.device.type == "cuda":

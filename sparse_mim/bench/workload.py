@@ -9,7 +9,8 @@
   MinkowskiEngine (``backend="minkowski"``): same weights, same masks, same decoder side.
 
 The decoder side (densify projections, LightDecoder) is dense in both and gets the same memory format
-in both, so the step's difference is the encoder's. ``iteration(variant, what, active)`` is one timed
+in both, so the step's difference is the encoder's. ``method="fcmae"`` wraps the same engine in ConvNeXt
+V2's FCMAE instead (its variants are built the same way; the decoder is one dense ConvNeXt V2 block). ``iteration(variant, what, active)`` is one timed
 unit: encoder forward+backward (``what="encoder"``) or a full pretraining step (``"step"``:
 SparK forward + loss + backward; no optimizer). Gradients are cleared by ``prepare`` outside timing.
 """
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from sparse_mim.engine import SparseTensor, execution
+from sparse_mim.fcmae import build_fcmae, fcmae_len_keep
 from sparse_mim.spark import SparK, build_spark, len_keep, random_patch_mask
 
 __all__ = ["WorkloadSpec", "Workload", "VARIANTS", "feature_tensor"]
@@ -48,6 +50,7 @@ class WorkloadSpec:
     execution_small_tiles: Optional[str] = None
     cuda_graph: bool = False    # sparse encoder replayed as a CUDA graph (sparse_mim.spark.graphed)
     backends: Tuple[str, ...] = ("native",)  # "minkowski" adds the MinkowskiEngine variant
+    method: str = "spark"       # spark (SparK) or fcmae (ConvNeXt V2's FCMAE around the same engine)
 
     @property
     def variants(self) -> Tuple[str, ...]:
@@ -63,7 +66,14 @@ class WorkloadSpec:
 
     @property
     def len_keep(self) -> int:
+        if self.method == "fcmae":
+            return fcmae_len_keep(self.num_patches, self.mask_ratio)
         return len_keep(self.num_patches, self.mask_ratio)
+
+    def random_mask(self, generator: torch.Generator, device=None) -> torch.Tensor:
+        """One (B, H/32, W/32) visible-patch mask with the method's visible count."""
+        return random_patch_mask(self.batch_size, self.grid, self.mask_ratio, generator=generator,
+                                 device=device, keep=self.len_keep)
 
     @property
     def visible_fraction(self) -> float:
@@ -76,6 +86,15 @@ def feature_tensor(feature) -> torch.Tensor:
     return feature.features if isinstance(feature, SparseTensor) else feature.dense_features
 
 
+def _build(spec: WorkloadSpec) -> torch.nn.Module:
+    """The sparse pretraining model (its encoder runs on our engine); FCMAE with the official
+    settings (batch-wide GRN, one 512-wide decoder block, normalised-pixel loss)."""
+    if spec.method == "fcmae":
+        return build_fcmae(spec.model, mask_ratio=spec.mask_ratio)
+    return build_spark(spec.model, mask_ratio=spec.mask_ratio, decoder_width=spec.decoder_width,
+                       dense_reference=False)
+
+
 class Workload:
     """Both variants of one configuration, ready to run; ``variants`` limits which are built."""
 
@@ -84,8 +103,7 @@ class Workload:
         variants = spec.variants if variants is None else variants
         self.device = torch.device(spec.device)
         torch.manual_seed(spec.seed)
-        sparse = build_spark(spec.model, mask_ratio=spec.mask_ratio, decoder_width=spec.decoder_width,
-                             dense_reference=False).to(self.device).train()
+        sparse = _build(spec).to(self.device).train()
         images = torch.randn(spec.batch_size, 3, spec.img_size, spec.img_size,
                              generator=torch.Generator().manual_seed(spec.seed)).to(self.device)
         self.models: Dict[str, SparK] = {}
@@ -115,8 +133,7 @@ class Workload:
     def masks(self, count: int, seed_offset: int = 1) -> List[torch.Tensor]:
         """``count`` random patch masks (one per iteration, shared by both variants), on the device."""
         g = torch.Generator().manual_seed(self.spec.seed + seed_offset)
-        return [random_patch_mask(self.spec.batch_size, self.spec.grid, self.spec.mask_ratio, generator=g)
-                .to(self.device) for _ in range(count)]
+        return [self.spec.random_mask(g).to(self.device) for _ in range(count)]
 
     # -- one unit of work -------------------------------------------------------------------------
     def context(self):
@@ -136,7 +153,10 @@ class Workload:
                 return self._graphed_forward(what, active)
             if what == "step":
                 return model(images, active).loss
-            return sum(feature_tensor(f).sum() for f in model.encode(images, active))
+            features = model.encode(images, active)
+            if self.spec.method == "fcmae":  # FCMAE's encoder output is its stride-32 stage
+                features = [features]
+            return sum(feature_tensor(f).sum() for f in features)
 
     def _graphed_forward(self, what: str, active: torch.Tensor) -> torch.Tensor:
         """As ``forward``, with the encoder (step: encoder + densify) replayed from a CUDA graph,

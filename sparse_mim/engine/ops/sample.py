@@ -12,6 +12,7 @@ import torch
 from ..backend import current_backend
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .gather import gather_rows
+from .grn_rows import grn_rows, row_groups
 
 __all__ = ["global_avg_pool", "per_sample_sum", "grn", "GRN_MODES", "drop_path"]
 
@@ -56,16 +57,14 @@ def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e
         n = g / (g.mean(1, keepdim=True) + eps)
         out = d + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), d * n)
         return x.masked(out)
-    f = x.features
-    if mode == "batch":  # one norm per channel over all rows: the same on every backend
-        g = _safe_sqrt((f * f).sum(0, keepdim=True))
-        return x.replace(f + torch.addcmul(bias, weight, f * (g / (g.mean(1, keepdim=True) + eps))))
     if current_backend() == "minkowski":
+        f = x.features
+        if mode == "batch":  # the official MinkowskiGRN: torch ops on the ME tensor's features
+            g = _safe_sqrt((f * f).sum(0, keepdim=True))
+            return x.replace(f + torch.addcmul(bias, weight, f * (g / (g.mean(1, keepdim=True) + eps))))
         from .. import minkowski
         return minkowski.grn(x, weight, bias, eps)
-    g = _safe_sqrt(per_sample_sum(x, f * f))
-    n = _per_row(x, g / (g.mean(1, keepdim=True) + eps))
-    return x.replace(f + torch.addcmul(bias, weight, f * n))
+    return x.replace(grn_rows(x.features, weight, bias, eps, row_groups(x, mode)))
 
 
 def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
