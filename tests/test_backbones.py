@@ -4,6 +4,7 @@ import timm
 import torch
 
 from backbones import UnknownBackboneError, create_backbone, list_backbones
+from sparse_mim.bench.coverage import randomize  # random norms and running stats: defaults would hide swaps
 
 from conftest import assert_close, patch_mask
 
@@ -14,21 +15,6 @@ SMALL = ["resnet18", "resnet50", "convnext_tiny", "convnextv2_tiny"]
 
 def _is_head(key: str) -> bool:
     return key.startswith("fc.") or key.startswith("head.")
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random norms, layer scales and running stats: defaults (1, 0, 1e-6) would hide swapped layers."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                base = 1.0 if name.endswith("weight") or name.endswith("gamma") else 0.0
-                p.copy_(base + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-        for name, b in model.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.2 * torch.randn(b.shape, generator=g, dtype=b.dtype))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=g, dtype=b.dtype))
 
 
 def timm_features(name: str, state_dict: dict) -> torch.nn.Module:
