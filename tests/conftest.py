@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Small float64 workloads on one thread: on a busy machine two threads wait on each other (grouped and
+    depthwise convolutions ran up to 100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 MASKS = ("random", "single", "all", "corners")
 
 

@@ -4,19 +4,12 @@ masked-dense reference, forward and gradients."""
 import math
 
 import pytest
-import torch
 import torch.nn as nn
 
 from sparse_mim.bench import coverage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small float64 workloads: one thread (on a busy machine two wait on each other, 100x for depthwise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("key", coverage.TESTED)

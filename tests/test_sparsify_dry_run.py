@@ -6,7 +6,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
 
 from backbones import sparsify
@@ -20,13 +19,7 @@ from test_sparsify import dense_features
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """float64 grouped convolutions run many times slower on 2 threads of a loaded machine than on 1."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stage(nn.Module):

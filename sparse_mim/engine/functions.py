@@ -220,14 +220,19 @@ def _channel_dim(x: SiteTensor) -> int:
     return 1 if x.layout == "nchw" else 3
 
 
-def _cat(tensors, dim=0, **kwargs):
-    if "axis" in kwargs:
-        dim = kwargs.pop("axis")
+def _site_inputs(tensors, what: str) -> list:
+    """The inputs of ``torch.cat`` / ``torch.stack``: all sparse tensors (checked on the same sites by the caller)."""
     tensors = list(tensors)
-    ref = tensors[0]
     if not all(isinstance(t, SiteTensor) for t in tensors):
-        raise UnsupportedOperationError("torch.cat of sparse and dense tensors: every input must be a sparse "
+        raise UnsupportedOperationError(f"{what} of sparse and dense tensors: every input must be a sparse "
                                         "tensor on the same active sites")
+    return tensors
+
+
+def _cat(tensors, dim=0, **kwargs):
+    dim = kwargs.pop("axis", dim)
+    tensors = _site_inputs(tensors, "torch.cat")
+    ref = tensors[0]
     if int(dim) % 4 != _channel_dim(ref):
         raise UnsupportedOperationError(f"torch.cat along dim {dim} of {ref.layout.upper()} sparse tensors: only "
                                         "concatenation along channels is supported")
@@ -497,13 +502,9 @@ def _transpose(x, dim0, dim1):
 
 def _stack(tensors, dim=0, **kwargs):
     """``torch.stack(branches, 1)`` of maps on the same sites: a channel-grouped ``(B, n, C, H, W)``."""
-    if "axis" in kwargs:
-        dim = kwargs.pop("axis")
-    tensors = list(tensors)
+    dim = kwargs.pop("axis", dim)
+    tensors = _site_inputs(tensors, "torch.stack")
     ref = tensors[0]
-    if not all(isinstance(t, SiteTensor) for t in tensors):
-        raise UnsupportedOperationError("torch.stack of sparse and dense tensors: every input must be a sparse "
-                                        "tensor on the same active sites")
     if int(dim) % 5 != 1 or ref.layout != "nchw" or ref.channel_groups is not None:
         raise UnsupportedOperationError(f"torch.stack along dim {dim} of {tuple(ref.shape)} sparse tensors: only "
                                         "stacking NCHW maps along a new axis 1 (B, n, C, H, W) is supported")
