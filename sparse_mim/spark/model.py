@@ -22,7 +22,7 @@ from backbones import SPARSIFY_PREFIX, create_backbone
 from .decoder import LightDecoder
 from .densify import densify_norm, densify_projection, fill_mask_token, mask_token, sites_of
 from .loss import masked_patch_loss, normalize_patches, patchify, unpatchify
-from .masking import patch_grid, random_patch_mask
+from .masking import check_mask_ratio, patch_grid, random_patch_mask
 
 __all__ = ["SparK", "SparKOutput", "build_spark", "DEFAULT_DROP_PATH"]
 
@@ -65,6 +65,10 @@ class SparK(nn.Module):
             self.densify_projs.append(densify_projection(channels, decoder_width // 2 ** level, level))
 
         self.decoder = LightDecoder(decoder_width, upsample_ratio=self.patch_size)
+
+    def len_keep(self, num_patches: int) -> int:
+        """Visible patches per image out of ``num_patches``: SparK rounds (checked: at least one of each)."""
+        return check_mask_ratio(self.mask_ratio, num_patches)
 
     # -- the paper's steps ---------------------------------------------------------------------------
     def mask(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:

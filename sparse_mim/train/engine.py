@@ -41,7 +41,7 @@ class NonFiniteLossError(RuntimeError):
 def global_batch_mask(seed: int, step: int, global_batch: int, grid: Tuple[int, int], mask_ratio: float,
                       info: DistInfo, keep: Optional[int] = None) -> torch.Tensor:
     """This rank's share of global batch ``step``'s patch mask (True = visible), on its device;
-    ``keep``: visible patches per image when the method counts them its own way (FCMAE)."""
+    ``keep``: visible patches per image, as the method counts them (its ``len_keep``)."""
     mask_seed = int(np.random.SeedSequence([seed, _MASK_STREAM, step]).generate_state(1)[0])
     generator = torch.Generator().manual_seed(mask_seed)
     mask = random_patch_mask(global_batch, grid, mask_ratio, generator, keep=keep)
@@ -70,7 +70,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
     global_batch = loader.batch_size * info.world_size
     use_autocast = autocast and info.device.type == "cuda"
     patch_size = unwrap(model).patch_size
-    len_keep = getattr(unwrap(model), "len_keep", None)  # the method's visible count (SparK: None = its rounding)
+    len_keep = unwrap(model).len_keep  # the method's visible count (SparK rounds, FCMAE rounds down)
     unreadable: Set[int] = set()
     tic = time.perf_counter()
     for images, bad in loader:
@@ -82,7 +82,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: Optimizer, 
         images = images.to(info.device, non_blocking=True)
         grid = patch_grid(images, patch_size)
         active = global_batch_mask(seed, step, global_batch, grid, mask_ratio, info,
-                                   keep=len_keep(grid[0] * grid[1]) if len_keep else None)
+                                   keep=len_keep(grid[0] * grid[1]))
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
         with amp:
             loss = (forward or model)(images, active).loss

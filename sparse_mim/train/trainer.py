@@ -27,7 +27,6 @@ from sparse_mim.data import (AugmentedImages, build_dataset, build_loader, build
                              check_readable, set_epoch)
 from sparse_mim.run_folder import RunFolder, check_output_dir
 from sparse_mim.spark.graphed import GraphedSparK
-from sparse_mim.spark.masking import len_keep
 
 from sparse_mim.convert.writers import remove_stale_temporaries
 
@@ -143,8 +142,7 @@ def _reconstruct(model: torch.nn.Module, images: torch.Tensor, seed: int) -> Dic
 def _mask_note(img_size: int, model, mask_ratio: float) -> str:
     """How many patches each image really hides: the method rounds the visible count (SparK: 0.6 of 2x2 is 2 of 4)."""
     n = (img_size // model.patch_size) ** 2
-    keep = model.len_keep(n) if hasattr(model, "len_keep") else len_keep(n, mask_ratio)
-    hidden = n - keep
+    hidden = n - model.len_keep(n)
     return (f"mask: {hidden} of {n} patches hidden per image (effective ratio {hidden / n:.2f}; "
             f"asked {mask_ratio:.2f})")
 
