@@ -24,22 +24,22 @@ from sparse_mim.convert import (
     ConversionError,
     dense_bias_to_me,
     dense_kernel_to_me,
-    load_encoder_state_dict,
     me_bias_to_dense,
     me_kernel_to_dense,
+    read,
     to_detectron2,
     to_timm,
     to_torchvision,
 )
 from sparse_mim.convert.archs import ARCHS
 from sparse_mim.convert.cli import main
-from sparse_mim.convert.detectron2 import (
+from sparse_mim.convert.targets.detectron2 import (
     check_detectron2_weights,
     detectron2_config_hints,
     detectron2_key_shapes,
     detectron2_name,
 )
-from sparse_mim.convert.timm_names import timm_encoder_shapes
+from sparse_mim.convert.timm_keys import timm_encoder_shapes
 from sparse_mim.convert.writers import atomic_write
 
 CLASSIFIER = ("fc.", "head.")
@@ -333,7 +333,8 @@ def test_full_pretraining_checkpoint_keeps_the_encoder_and_reports_the_rest(tmp_
     path = tmp_path / "ckpt.pth"
     torch.save(pretraining_checkpoint(encoder, "resnet18"), path)
 
-    state_dict, dropped = load_encoder_state_dict(path)
+    ckpt = read(path)
+    state_dict, dropped = ckpt.encoder, ckpt.dropped
     assert state_dict.keys() == encoder.keys()
     assert all(torch.equal(state_dict[k], encoder[k]) for k in encoder)
     assert dropped == {"decoder": 5, "densify": 4, "mask_tokens": 4, "optimizer": 6}
@@ -343,17 +344,19 @@ def test_ddp_prefixes_are_removed():
     encoder = small_encoder()
     wrapped = {"state_dict": {f"module.encoder.{k}": v for k, v in encoder.items()}}
     wrapped["state_dict"]["module.decoder.proj.weight"] = torch.zeros(1)
-    state_dict, dropped = load_encoder_state_dict(wrapped)
+    ckpt = read(wrapped)
+    state_dict, dropped = ckpt.encoder, ckpt.dropped
     assert state_dict.keys() == encoder.keys() and dropped == {"decoder": 1}
 
     bare_ddp = {f"module.{k}": v for k, v in encoder.items()}
-    assert load_encoder_state_dict(bare_ddp)[0].keys() == encoder.keys()
+    assert read(bare_ddp).encoder.keys() == encoder.keys()
 
 
 def test_encoder_state_dict_wrapped_in_model_with_a_classifier():
     encoder = small_encoder()
     checkpoint = {"model": {**encoder, "fc.weight": torch.zeros(10, 512), "fc.bias": torch.zeros(10)}}
-    state_dict, dropped = load_encoder_state_dict(checkpoint)
+    ckpt = read(checkpoint)
+    state_dict, dropped = ckpt.encoder, ckpt.dropped
     assert state_dict.keys() == encoder.keys() and dropped == {"classifier": 2}
 
 
@@ -361,18 +364,18 @@ def test_safetensors_source_and_its_arch_metadata(tmp_path):
     encoder = small_encoder()
     path = tmp_path / "enc.safetensors"
     save_file(encoder, str(path), metadata={"arch": "resnet18"})
-    converted = to_timm(path, "resnet18")
+    converted = to_timm(read(path, "resnet18").encoder, "resnet18")
     assert all(torch.equal(converted[k], encoder[k]) for k in encoder)
     with pytest.raises(ConversionError,
                        match="checkpoint was pretrained as resnet18, you asked for resnet50"):
-        to_timm(path, "resnet50")
+        read(path, "resnet50")
 
 
 def test_pretraining_checkpoint_with_the_wrong_arch_is_refused():
     checkpoint = pretraining_checkpoint(small_encoder(), "resnet18")
     with pytest.raises(ConversionError,
                        match="checkpoint was pretrained as resnet18, you asked for resnet34"):
-        load_encoder_state_dict(checkpoint, "resnet34")
+        read(checkpoint, "resnet34")
 
 
 def test_checkpoint_with_python_objects_falls_back_to_full_unpickling(tmp_path):
@@ -381,7 +384,7 @@ def test_checkpoint_with_python_objects_falls_back_to_full_unpickling(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save(checkpoint, path)
     with pytest.warns(UserWarning, match="weights_only=False"):
-        state_dict, _ = load_encoder_state_dict(path, "resnet18")
+        state_dict = read(path, "resnet18").encoder
     assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
 
 
@@ -392,22 +395,22 @@ def test_argparse_namespace_of_training_scripts_loads_without_the_unsafe_fallbac
     torch.save(checkpoint, path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        state_dict, _ = load_encoder_state_dict(path, "resnet18")
+        state_dict = read(path, "resnet18").encoder
     assert len(state_dict) == len(timm_encoder_shapes("resnet18"))
 
 
 def test_unreadable_sources_raise_conversion_errors(tmp_path):
     with pytest.raises(ConversionError, match="checkpoint not found"):
-        load_encoder_state_dict(tmp_path / "nope.pth")
+        read(tmp_path / "nope.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"PK\x03\x04 a torn zip")
     with pytest.raises(ConversionError, match="could not read checkpoint"):
-        load_encoder_state_dict(corrupt)
+        read(corrupt)
     with pytest.raises(ConversionError, match="unknown checkpoint format"):
-        load_encoder_state_dict({"format": "sparse-mim/pretrain-v9", "model": {}})
+        read({"format": "sparse-mim/pretrain-v9", "model": {}})
     with pytest.raises(ConversionError, match="no 'encoder.\\*' weights"):
-        load_encoder_state_dict({"format": "sparse-mim/pretrain-v1",
-                                 "model": {"decoder.w": torch.zeros(1)}})
+        read({"format": "sparse-mim/pretrain-v1",
+              "model": {"decoder.w": torch.zeros(1)}})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,22 +612,22 @@ def test_reference_spark_convnext_checkpoint_converts_to_timm_with_identical_fea
     path = tmp_path / "convnext_tiny_still_pretraining.pth"
     torch.save({"args": "...", "arch": "convnext_tiny", "epoch": 3, "performance_desc": "0.5 0.5",
                 "module": {**encoder, **decoder}, "optimizer": {"state": {}, "param_groups": []}}, path)
-    converted = to_timm(path, "convnext_tiny")
+    converted = to_timm(read(path, "convnext_tiny").encoder, "convnext_tiny")
     fresh = timm.create_model("convnext_tiny").eval()
     result = fresh.load_state_dict(converted, strict=False)
     assert not result.unexpected_keys and all(k.startswith("head.") for k in result.missing_keys)
     x = torch.randn(2, 3, 64, 64)
     assert torch.equal(fresh.forward_features(x), dense.forward_features(x))
-    _, dropped = load_encoder_state_dict(path, "convnext_tiny")
+    dropped = read(path, "convnext_tiny").dropped
     assert dropped["dense_decoder"] == 1 and dropped["densify_norms"] == 1 and dropped["classifier"] == 4
 
 
 def test_official_convnext_names_need_the_arch():
     weights = _official_convnext_names(timm.create_model("convnext_tiny").state_dict())
     with pytest.raises(ConversionError, match="official ConvNeXt key names.*--arch convnext_small"):
-        load_encoder_state_dict(weights)
+        read(weights)
     with pytest.raises(ConversionError, match="arch asked for is 'resnet50'"):
-        load_encoder_state_dict(weights, "resnet50")
+        read(weights, "resnet50")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,12 +684,12 @@ def test_official_spark_state_dict_with_config_converts_and_its_config_checks_th
     path = tmp_path / "resnet18_withdecoder_1kpretrained_spark_style.pth"
     torch.save({"args": "...", "input_size": 224, "arch": "resnet18", "epoch": 1599, "performance_desc": "0.5 0.5",
                 "module": module, "optimizer": {"state": {}, "param_groups": []}, "is_pretrain": True}, path)
-    converted = to_timm(path, "resnet18")
+    converted = to_timm(read(path, "resnet18").encoder, "resnet18")
     assert all(torch.equal(converted[k], v) for k, v in encoder.items())
     with pytest.raises(ConversionError, match="hierarchy=3"):
-        load_encoder_state_dict({**module, "config": {**config, "hierarchy": 3}})
+        read({**module, "config": {**config, "hierarchy": 3}})
     with pytest.raises(ConversionError, match="pretrained as resnet50, you asked for resnet18"):
-        load_encoder_state_dict({**module, "config": {**config, "arch": "resnet50"}}, "resnet18")
+        read({**module, "config": {**config, "arch": "resnet50"}}, "resnet18")
 
 
 @pytest.mark.parametrize("content", [b"hello, this is a text file\n", bytes(range(101, 201)), b""],

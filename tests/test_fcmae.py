@@ -10,7 +10,7 @@ import timm
 import torch
 from timm.models.convnext import ConvNeXt
 
-from sparse_mim.convert import ConversionError, from_fcmae, load_encoder_state_dict
+from sparse_mim.convert import ConversionError, read
 from sparse_mim.convert.cli import main
 
 from conftest import shared_fixture
@@ -31,7 +31,7 @@ def test_fcmae_fixture_reproduces_the_official_features_through_timm():
     model = ConvNeXt(depths=DEPTHS, dims=DIMS, use_grn=True, ls_init_value=None).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # read with the restricted unpickler, no unsafe fallback
-        result = model.load_state_dict(from_fcmae(FIXTURE / "fcmae_tiny.pt"), strict=False)
+        result = model.load_state_dict(read(FIXTURE / "fcmae_tiny.pt").encoder, strict=False)
     assert result.unexpected_keys == [] and sorted(result.missing_keys) == [
         "head.fc.bias", "head.fc.weight", "head.norm.bias", "head.norm.weight"]
 
@@ -48,7 +48,8 @@ def test_fcmae_fixture_reproduces_the_official_features_through_timm():
 
 @needs_fixture
 def test_fcmae_decoder_side_is_dropped_and_reported():
-    state_dict, dropped = load_encoder_state_dict(FIXTURE / "fcmae_tiny.pt")
+    ckpt = read(FIXTURE / "fcmae_tiny.pt")
+    state_dict, dropped = ckpt.encoder, ckpt.dropped
     assert len(state_dict) == 66
     assert {g: dropped[g] for g in ("mask_token", "proj", "decoder", "pred")} == {
         "mask_token": 1, "proj": 2, "decoder": 10, "pred": 2}
@@ -60,7 +61,7 @@ def test_truncated_or_wrong_size_fcmae_checkpoints_list_the_keys(tmp_path):
     del model["encoder.stages.2.1.grn.gamma"]
     model["encoder.stages.0.0.dwconv.kernel"] = torch.zeros(9, 8)
     with pytest.raises(ConversionError) as e:
-        from_fcmae({"model": model})
+        read({"model": model})
     msg = str(e.value)
     assert "missing (1):" in msg and "stages.2.1.grn.gamma" in msg
     assert "stages.0.0.dwconv.kernel: expected (49, 8), found (9, 8)" in msg
@@ -69,7 +70,7 @@ def test_truncated_or_wrong_size_fcmae_checkpoints_list_the_keys(tmp_path):
     data = (FIXTURE / "fcmae_tiny.pt").read_bytes()
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ConversionError, match="could not read checkpoint"):
-        from_fcmae(cut)
+        read(cut)
 
 
 @needs_fixture
@@ -173,7 +174,7 @@ def test_cli_to_minkowski_writes_the_documented_fcmae_layout(tmp_path):
 
 
 def test_minkowski_layout_of_a_resnet_round_trips_and_keeps_strided_1x1_kernels_3d(tmp_path):
-    from sparse_mim.convert.timm_names import timm_encoder_shapes
+    from sparse_mim.convert.timm_keys import timm_encoder_shapes
     torch.manual_seed(0)
     encoder = {k: torch.randn(s) if s else torch.tensor(3) for k, s in timm_encoder_shapes("resnet50").items()}
     src, me_file, back = tmp_path / "r50.pth", tmp_path / "r50_me.pth", tmp_path / "r50_back.pth"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_mim.convert.fcmae import official_fcmae_to_ours
+from sparse_mim.convert.layouts.fcmae import official_fcmae_to_ours
 from sparse_mim.engine import SparseInputError
 from sparse_mim.fcmae import FCMAEModelError, build_fcmae
 

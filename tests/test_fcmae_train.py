@@ -83,7 +83,7 @@ def test_written_layout_matches_the_official_model_key_by_key_and_shape_by_shape
     ours = build_fcmae(depths=config["depths"], dims=config["dims"], decoder_depth=config["decoder_depth"],
                        decoder_embed_dim=config["decoder_embed_dim"]).double()
     assert ours.load_official_state_dict(official) == ([], [])
-    from sparse_mim.convert.fcmae import ours_to_official_fcmae
+    from sparse_mim.convert.layouts.fcmae import ours_to_official_fcmae
 
     written = ours_to_official_fcmae(ours.state_dict())
     assert list(written) == list(official) or sorted(written) == sorted(official)
@@ -93,7 +93,7 @@ def test_written_layout_matches_the_official_model_key_by_key_and_shape_by_shape
 
 
 def test_init_from_an_official_fcmae_checkpoint_continues_encoder_and_decoder(tmp_path):
-    from sparse_mim.convert.fcmae import ours_to_official_fcmae
+    from sparse_mim.convert.layouts.fcmae import ours_to_official_fcmae
     from sparse_mim.train.init_from import init_from
 
     source = build_fcmae("convnextv2_atto", decoder_embed_dim=32)

@@ -211,7 +211,8 @@ def test_a_model_without_a_map_at_some_stride_is_asked_for_feature_modules():
 
 
 def test_timm_export_of_a_sparsified_model_loads_with_only_the_head_missing():
-    from sparse_mim.convert.timm_names import timm_classifier_keys, to_timm
+    from sparse_mim.convert import to_timm
+    from sparse_mim.convert.timm_keys import timm_classifier_keys
     enc = create_backbone("efficientnet_b0")
     exported = to_timm(enc.state_dict(), "efficientnet_b0")
     result = timm.create_model("efficientnet_b0").load_state_dict(exported, strict=False)

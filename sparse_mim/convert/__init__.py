@@ -1,25 +1,24 @@
-"""Weight conversion: our encoder checkpoints -> timm, torchvision and Detectron2 names, ConvNeXt V2
-FCMAE checkpoints -> timm, and the MinkowskiEngine kernel layout both ways. Depends only on names and tensors, never on training code."""
-from .detectron2 import detectron2_config_hints, to_detectron2
+"""Weight conversion in three layers: `read` (the one reader) returns a checkpoint's weights and what
+is known about it; layout adapters (`layouts/`) rename an encoder from the layout it was written in
+(reference SparK, official ConvNeXt names, ConvNeXt V2 FCMAE, MinkowskiEngine) to timm's names; targets
+(`targets/`) take those dicts to timm, torchvision, Detectron2 or MinkowskiEngine's layout. Depends
+only on names and tensors, never on training code."""
 from .errors import ConversionError
-from .fcmae import fcmae_to_timm, from_fcmae, timm_to_fcmae
+from .layouts.fcmae import fcmae_to_timm, timm_to_fcmae
 from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
-from .sources import load_encoder_state_dict
-from .minkowski_checkpoints import from_minkowski_layout, to_minkowski
-from .timm_names import to_timm
-from .torchvision_names import to_torchvision
+from .reader import Checkpoint, read
+from .targets import detectron2_config_hints, to_detectron2, to_minkowski, to_timm, to_torchvision
 
 __all__ = [
+    "Checkpoint",
     "ConversionError",
     "dense_bias_to_me",
     "dense_kernel_to_me",
     "detectron2_config_hints",
     "fcmae_to_timm",
-    "from_fcmae",
-    "from_minkowski_layout",
-    "load_encoder_state_dict",
     "me_bias_to_dense",
     "me_kernel_to_dense",
+    "read",
     "timm_to_fcmae",
     "to_detectron2",
     "to_minkowski",

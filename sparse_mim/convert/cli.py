@@ -1,7 +1,7 @@
 """`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2|minkowski [--arch NAME] --out FILE`.
 
 The source's layout is detected: sparse-mim and reference-SparK checkpoints, timm/official ConvNeXt
-names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `sources.py`).
+names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `reader.py`).
 `--arch` defaults to the arch the checkpoint records; given, it must agree with it."""
 from __future__ import annotations
 
@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 from .archs import ARCHS, get_arch
-from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
 from .errors import ConversionError
-from .fcmae import FCMAE_DECODER_GROUPS
-from .minkowski_checkpoints import fcmae_decoder_of, to_minkowski
-from .sources import load_encoder, read_checkpoint_file
-from .timm_names import timm_classifier_keys, to_timm
-from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
+from .layouts.fcmae import FCMAE_DECODER_GROUPS
+from .reader import SPARSE_MIM, read
+from .targets.detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
+from .targets.minkowski import official_fcmae_decoder, to_minkowski
+from .targets.timm import to_timm
+from .targets.torchvision import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
+from .timm_keys import timm_classifier_keys
 from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
 
 _SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",),
@@ -62,21 +63,20 @@ def _convert(args: argparse.Namespace) -> None:
         raise ConversionError(
             f"--to {args.to} writes {' or '.join(suffixes)} files, got --out {args.out}"
         )
-    ckpt = load_encoder(args.checkpoint, args.arch)
+    ckpt = read(args.checkpoint, args.arch)
     if ckpt.arch is None:
         raise ConversionError(f"{args.checkpoint} does not record its architecture; pass --arch NAME "
                               f"(--to {args.to}: {', '.join(_ARCHS[args.to])})")
     args.arch = get_arch(ckpt.arch, target=args.to, supported=_supported(args.to)).name
-    state_dict, dropped = ckpt.state_dict, ckpt.dropped
+    state_dict, dropped = ckpt.encoder, ckpt.dropped
 
     if args.to == "detectron2":
         written = to_detectron2(state_dict, args.arch, args.out)["model"]
         left_to_target = []
     elif args.to == "minkowski":
         written = to_minkowski(state_dict, args.arch)
-        decoder = fcmae_decoder_of(read_checkpoint_file(args.checkpoint)[0])  # an FCMAE run is written whole
-        if decoder:
-            written.update(decoder)
+        if ckpt.source == SPARSE_MIM and ckpt.method == "fcmae":  # our FCMAE run is written whole
+            written.update(official_fcmae_decoder(ckpt.weights))
             dropped = {g: n for g, n in dropped.items() if g not in FCMAE_DECODER_GROUPS}
         atomic_write(args.out, lambda tmp: torch.save({"model": written, "arch": args.arch}, tmp))
         left_to_target = timm_classifier_keys(args.arch)

@@ -39,3 +39,10 @@ def key_problems(found: Shapes, expected: Shapes) -> str | None:
     lines += _listing("unexpected", unexpected)
     lines += _listing("wrong shape", mismatched)
     return "\n".join(lines)
+
+
+def require_state_dict(obj: object, target: str) -> None:
+    """Targets take weights in memory; a path gets a TypeError that names the reader."""
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{target} takes a state_dict (a dict of tensors), got {type(obj).__name__}; "
+                        "read a checkpoint file with sparse_mim.convert.read(path) first")

@@ -24,7 +24,7 @@ from timm.models.convnext import ConvNeXtBlock
 
 from backbones import create_backbone
 from backbones.convnext import SparseConvNeXt
-from sparse_mim.convert.fcmae import official_fcmae_name, official_fcmae_to_ours
+from sparse_mim.convert.layouts.fcmae import official_fcmae_name, official_fcmae_to_ours
 from sparse_mim.engine import SparseGRN, SparseInputError, set_grn_mode
 from sparse_mim.engine.ops import GRN_MODES
 from sparse_mim.spark.densify import sites_of
@@ -167,7 +167,7 @@ class FCMAE(nn.Module):
                 if len(shapes[official]) == 1 or official.endswith(".bias")}
 
     def _official_shapes(self) -> Dict[str, tuple]:
-        from sparse_mim.convert.fcmae import ours_to_official_fcmae
+        from sparse_mim.convert.layouts.fcmae import ours_to_official_fcmae
 
         meta = {n: torch.empty(p.shape, device="meta") for n, p in self.named_parameters()}
         return {k: tuple(v.shape) for k, v in ours_to_official_fcmae(meta).items()}

@@ -1,7 +1,8 @@
 """The dense timm classifier a fine-tuning run trains, built from (pretrained) encoder weights.
 
-Weights are read and renamed by the converters (``sparse_mim.convert.to_timm``): any file
-``sparse-mim convert`` reads works, and a checkpoint of another architecture is refused there.
+Weights are read by the converter's one reader and checked against timm's model
+(``sparse_mim.convert.read``, ``to_timm``): any file ``sparse-mim convert`` reads works, and a
+checkpoint of another architecture is refused there.
 """
 from __future__ import annotations
 
@@ -37,11 +38,11 @@ def _create(arch: str, num_classes: int, drop_path_rate: float = 0.0) -> nn.Modu
 def _load(model: nn.Module, arch: str, weights: Optional[str]) -> LoadReport:
     if weights is None:
         return LoadReport(None)
-    from sparse_mim.convert import ConversionError, to_timm
+    from sparse_mim.convert import ConversionError, read, to_timm
     from sparse_mim.convert.errors import advice_for
 
     try:
-        state = to_timm(str(weights), arch)
+        state = to_timm(read(str(weights), arch).encoder, arch)
     except ConversionError as e:
         raise ConversionError(f"weights={weights}: {advice_for(e)}") from None
     missing, unexpected = model.load_state_dict(state, strict=False)

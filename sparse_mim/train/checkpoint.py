@@ -30,7 +30,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 
-from sparse_mim.convert.sources import PRETRAIN_FORMAT as FORMAT
+from sparse_mim.convert.reader import PRETRAIN_FORMAT as FORMAT
 from sparse_mim.convert.writers import atomic_write
 
 __all__ = ["FORMAT", "CHECKPOINT_NAME", "encoder_export_name", "rng_state", "set_rng_state", "rank_rng_state",

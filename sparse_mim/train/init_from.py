@@ -1,6 +1,6 @@
 """``init_from=PATH``: start a pretraining run from existing weights (not a resume).
 
-The encoder comes through the converter (``sparse_mim.convert``): any file ``sparse-mim convert``
+The file is read by the converter's one reader (``sparse_mim.convert.read``): any file ``sparse-mim convert``
 reads (timm state dicts, torchvision ResNets, which share timm's names, our exports and checkpoints,
 the reference SparK's files with official ConvNeXt names), checked key by key and shape by shape
 against timm's model. Densify norms, mask tokens, densify projections and the
@@ -22,12 +22,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from sparse_mim.convert import ConversionError, to_timm
-from sparse_mim.convert.archs import check_arch
+from sparse_mim.convert import ConversionError, read, to_timm
 from sparse_mim.convert.errors import advice_for
-from sparse_mim.convert.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
-from sparse_mim.convert.sources import all_weights, read_checkpoint_file
-from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
+from sparse_mim.convert.layouts.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
+from sparse_mim.convert.layouts.spark import HEAD_GROUPS, spark_head_state_dict
 from sparse_mim.convert.verify import key_problems, shapes_of
 from sparse_mim.convert.writers import atomic_write
 
@@ -99,16 +97,12 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
     """
     path = str(Path(path).expanduser())
     try:
-        raw, file_arch = read_checkpoint_file(path)
-        if not isinstance(raw, dict):
-            raise ConversionError(f"expected the file to hold a dict of weights, found {type(raw).__name__}")
-        raw, spark_config = split_spark_config(raw)
-        check_arch(file_arch, arch)
-        encoder = to_timm(raw, arch)
-        weights = all_weights(raw)
-        head = fcmae_head_state_dict(weights) if _is_fcmae(model) else spark_head_state_dict(weights)
+        ckpt = read(path, arch)
+        encoder = to_timm(ckpt.encoder, arch)
+        head = fcmae_head_state_dict(ckpt.weights) if _is_fcmae(model) else spark_head_state_dict(ckpt.weights)
     except ConversionError as e:
         raise ConfigError(f"init_from={path}: {advice_for(e)}") from None
+    spark_config = ckpt.spark_config
     if head:
         _check_head(head, model, path, spark_config)
 

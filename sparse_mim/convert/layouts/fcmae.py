@@ -18,18 +18,18 @@ state_dict through `official_fcmae_to_ours` / `ours_to_official_fcmae` (decoder 
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .errors import ConversionError
-from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
-from .verify import key_problems, shapes_of
+from ..errors import ConversionError
+from ..minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
+from ..timm_keys import timm_encoder_shapes
+from ..verify import key_problems, shapes_of
 
-__all__ = ["from_fcmae", "fcmae_to_timm", "timm_to_fcmae", "is_fcmae_layout", "FCMAE_DECODER_GROUPS",
+__all__ = ["fcmae_to_timm", "timm_to_fcmae", "is_fcmae_layout", "FCMAE_DECODER_GROUPS",
            "official_fcmae_to_ours", "ours_to_official_fcmae", "official_fcmae_name", "fcmae_head_state_dict"]
 
 #: Top-level groups of an FCMAE model that belong to the decoder (dropped by the official fine-tuning).
@@ -222,8 +222,6 @@ def fcmae_to_timm(encoder: Mapping[str, torch.Tensor], arch: str | None = None) 
         depths, dims = _infer_config(encoder)
         timm_shapes, what = _timm_convnextv2_shapes(depths, dims), f"depths={list(depths)}, dims={list(dims)}"
     else:
-        from .timm_names import timm_encoder_shapes
-
         timm_shapes, what = timm_encoder_shapes(arch), f"timm {arch!r}"
     problems = key_problems(shapes_of(encoder), _expected_fcmae_shapes(timm_shapes))
     if problems:
@@ -232,17 +230,3 @@ def fcmae_to_timm(encoder: Mapping[str, torch.Tensor], arch: str | None = None) 
     renamed, _ = _rename(encoder, to_timm=True)
     return {k: renamed[k].reshape(s).contiguous() for k, s in timm_shapes.items()}
 
-
-def from_fcmae(src: str | os.PathLike | Mapping, arch: str | None = None) -> dict[str, torch.Tensor]:
-    """An FCMAE pretraining checkpoint (path or dict) -> timm `convnextv2` encoder state_dict.
-
-    The decoder, mask token, projection and prediction head are dropped (`load_encoder_state_dict`
-    reports them); the final norm and classifier are not pretrained, so they are absent."""
-    from .sources import read_encoder_checkpoint
-
-    ckpt = read_encoder_checkpoint(src)
-    if not is_fcmae_layout(ckpt.state_dict):
-        raise ConversionError("not an FCMAE checkpoint: no 'encoder.downsample_layers.i.1.kernel' "
-                              "(MinkowskiEngine) weights; found keys like "
-                              f"{', '.join(list(ckpt.state_dict)[:5])}")
-    return fcmae_to_timm(ckpt.state_dict, arch)

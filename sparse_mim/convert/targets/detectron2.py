@@ -17,11 +17,11 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from .archs import ARCHS, Arch, get_arch
-from .errors import ConversionError
-from .timm_names import to_timm
-from .verify import key_problems
-from .writers import save_pickle
+from ..archs import ARCHS, Arch, get_arch
+from ..errors import ConversionError
+from ..verify import key_problems, require_state_dict
+from ..writers import save_pickle
+from .timm import to_timm
 
 DETECTRON2_ARCHS = tuple(name for name, a in ARCHS.items() if a.family == "resnet")
 AUTHOR = "sparse-mim"
@@ -101,16 +101,18 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def to_detectron2(
-    src: str | os.PathLike | Mapping, arch: str, out_path: str | os.PathLike
+    encoder: Mapping[str, torch.Tensor], arch: str, out_path: str | os.PathLike
 ) -> dict[str, object]:
-    """Convert, verify against Detectron2's key list, and write `out_path` atomically.
+    """Convert `encoder` (timm-named weights, e.g. `read(path).encoder`), verify it against
+    Detectron2's key list, and write `out_path` atomically.
 
     Returns the pickled dict: `{"model": {name: ndarray}, "__author__": "sparse-mim",
     "matching_heuristics": True}`. See `detectron2_config_hints` for the matching config."""
+    require_state_dict(encoder, "to_detectron2")
     get_arch(arch, target="detectron2", supported=DETECTRON2_ARCHS)
     weights = {
         detectron2_name(k): _to_numpy(v)
-        for k, v in to_timm(src, arch).items()
+        for k, v in to_timm(encoder, arch).items()
         if not k.endswith("num_batches_tracked")
     }
     check_detectron2_weights(weights, arch)

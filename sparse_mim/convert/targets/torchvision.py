@@ -12,16 +12,15 @@ ResNets' `fc.*` are the classifier: never in an encoder, left for the target mod
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Mapping
 
 import torch
 
-from .archs import ARCHS, get_arch
-from .errors import ConversionError
-from .timm_names import to_timm
-from .verify import key_problems, shapes_of
+from ..archs import ARCHS, get_arch
+from ..errors import ConversionError
+from ..verify import key_problems, require_state_dict, shapes_of
+from .timm import to_timm
 
 TORCHVISION_ARCHS = tuple(name for name, a in ARCHS.items() if a.in_torchvision)
 _CLASSIFIER_PREFIX = {"resnet": "fc.", "convnext": "classifier."}
@@ -65,14 +64,16 @@ def torchvision_encoder_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     return {k: s for k, s in _torchvision_shapes(arch) if not k.startswith(prefix)}
 
 
-def to_torchvision(src: str | os.PathLike | Mapping, arch: str) -> dict[str, torch.Tensor]:
-    """Return the encoder weights of `src` keyed like `torchvision.models.<arch>()`.
+def to_torchvision(encoder: Mapping[str, torch.Tensor], arch: str) -> dict[str, torch.Tensor]:
+    """Return `encoder` (timm-named weights, e.g. `read(path).encoder`) keyed like
+    `torchvision.models.<arch>()`.
 
     `load_state_dict(sd, strict=False)` then reports only `fc.*` (ResNet) or `classifier.*`
     (ConvNeXt) as missing. Raises ConversionError for archs torchvision lacks and for any key
     that does not line up."""
+    require_state_dict(encoder, "to_torchvision")
     a = get_arch(arch, target="torchvision", supported=TORCHVISION_ARCHS)
-    timm_sd = to_timm(src, arch)
+    timm_sd = to_timm(encoder, arch)
     if a.family == "resnet":
         converted = dict(timm_sd)
     else:
