@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import sparse_mim.convert.reader as reader
 from sparse_mim.convert import ConversionError, read, timm_to_fcmae, to_minkowski
 from sparse_mim.convert.timm_keys import timm_encoder_shapes
-
-import sparse_mim.convert.reader as reader
 
 
 @functools.lru_cache(maxsize=None)
