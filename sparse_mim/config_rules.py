@@ -12,6 +12,8 @@ from typing import Iterable, List, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 
+from .config_schema import is_int, is_number
+
 __all__ = ["missing_settings", "raise_if", "image_and_mask_errors", "crop_scale_errors", "batch_split_errors",
            "warmup_errors", "file_errors", "needs_cuda", "check_backend_usable"]
 
@@ -41,27 +43,19 @@ def raise_if(errors: Sequence[str], error: Type[Exception], title: str = "invali
         raise error(f"{title}:\n  - " + "\n  - ".join(errors))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def image_and_mask_errors(size, ratios: Iterable, size_key: str, ratio_key: str) -> List[str]:
     """The image size must be a positive multiple of the 32-pixel patch; each mask ratio must leave at
     least one visible and one masked patch of that size's grid (SparK's rounding)."""
     from sparse_mim.spark.masking import check_mask_ratio
 
     errors = []
-    size_ok = _is_int(size) and size > 0 and size % 32 == 0
+    size_ok = is_int(size) and size > 0 and size % 32 == 0
     if not size_ok:
-        near = max(32, round(size / 32) * 32) if _is_number(size) else 224
+        near = max(32, round(size / 32) * 32) if is_number(size) else 224
         errors.append(f"{size_key} must be a positive multiple of 32 (the patch size), got {size!r}; "
                       f"e.g. {size_key}={near}")
     for r in ratios:
-        if not _is_number(r):
+        if not is_number(r):
             errors.append(f"{ratio_key}: {r!r} is not a number")
         elif not 0.0 < r < 1.0:
             errors.append(f"{ratio_key} must lie strictly between 0 and 1, got {r!r}")
@@ -100,14 +94,14 @@ def _mask_advice(size: int, ratio: float, size_key: str, ratio_key: str) -> str:
 def crop_scale_errors(scale, key: str) -> List[str]:
     """RandomResizedCrop's area range must be ``[low, high]`` with low <= high (each in (0, 1]: schema)."""
     if OmegaConf.is_list(scale) or isinstance(scale, (list, tuple)):
-        if len(scale) == 2 and all(_is_number(s) for s in scale) and scale[0] > scale[1]:
+        if len(scale) == 2 and all(is_number(s) for s in scale) and scale[0] > scale[1]:
             return [f"{key} must be [low, high] with low <= high, got {list(scale)!r}; e.g. {key}=[0.2,1.0]"]
     return []
 
 
 def batch_split_errors(batch, world_size: int, key: str = "train.batch_size") -> List[str]:
     """The global batch must divide evenly over the processes."""
-    if _is_int(batch) and batch >= 1 and batch % world_size:
+    if is_int(batch) and batch >= 1 and batch % world_size:
         good = max(1, round(batch / world_size)) * world_size
         return [f"{key}={batch} is the global batch and must divide evenly over the {world_size} processes; "
                 f"use e.g. {key}={good}"]
@@ -116,7 +110,7 @@ def batch_split_errors(batch, world_size: int, key: str = "train.batch_size") ->
 
 def warmup_errors(warmup, epochs) -> List[str]:
     """Pretraining's warmup must fit in its epochs."""
-    if _is_number(warmup) and _is_int(epochs) and warmup > epochs:
+    if is_number(warmup) and is_int(epochs) and warmup > epochs:
         return [f"train.warmup_epochs must lie in [0, train.epochs={epochs}], got {warmup!r}"]
     return []
 

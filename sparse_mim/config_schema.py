@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = ["PretrainConfig", "FinetuneConfig", "BenchConfig", "SCHEMAS", "register", "setting",
-           "setting_errors", "describe", "field_of"]
+           "setting_errors", "describe", "message", "field_of", "is_int", "is_number"]
 
 
 def setting(*, ge=None, gt=None, le=None, lt=None, multiple_of=None, choices=(), length=None, kind=None,
@@ -220,7 +220,12 @@ def _choices(meta) -> List[object]:
     return out
 
 
-def _is_number(value) -> bool:
+def is_int(value) -> bool:
+    """An integer value (bools excluded: YAML's ``true`` is not a batch size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -266,9 +271,9 @@ def _bounds(meta) -> str:
 def describe(hint, meta) -> str:
     """What a setting must be, as the message says it: ``"null or an integer >= 1"``."""
     choices = _choices(meta)
-    if meta["says"]:
-        text = meta["says"].format(**{"or": " or ".join([", ".join(map(str, choices[:-1])), str(choices[-1])])
-                                      if len(choices) > 1 else "".join(map(str, choices))})
+    if meta["says"]:  # "{or}" lists the choices as "a, b or c"
+        names = [str(c) for c in choices]
+        text = meta["says"].format(**{"or": " or ".join(filter(None, [", ".join(names[:-1]), *names[-1:]]))})
     elif choices:
         text = f"one of {', '.join(map(str, choices))}"
     else:
@@ -294,22 +299,24 @@ def describe(hint, meta) -> str:
 
 def message(key: str, hint, meta, value) -> str:
     """The one-line error for ``key=value``: what the key must be, what it got, and an example."""
-    text = f"{key} must {'' if describe(hint, meta).startswith('lie ') else 'be '}{describe(hint, meta)}, got {value!r}"
+    requirement = describe(hint, meta)
+    verb = "" if requirement.startswith("lie ") else "be "
+    text = f"{key} must {verb}{requirement}, got {value!r}"
     if meta["example"] is not None:
         text += f"; e.g. {key}={meta['example']}"
     return text
 
 
 def _item_ok(value, item_type, meta, choices) -> bool:
-    if item_type is int and not (isinstance(value, int) and not isinstance(value, bool)):
+    if item_type is int and not is_int(value):
         return False
-    if item_type is float and not _is_number(value):
+    if item_type is float and not is_number(value):
         return False
     if item_type is str and not isinstance(value, str):
         return False
     if choices and value not in choices:
         return False
-    if _is_number(value):
+    if is_number(value):
         if meta["ge"] is not None and not value >= meta["ge"]:
             return False
         if meta["gt"] is not None and not value > meta["gt"]:
