@@ -3,7 +3,8 @@
 The repository's top-level ``configs/`` folder is the source of truth. A development (editable)
 install reads it in place; a regular install ships it as ``sparse_mim/_configs`` (see setup.py).
 Every command (``sparse-mim <name>`` reads ``configs/<name>.yaml``) composes through ``compose``,
-which refuses keys the YAML does not have, and prints ``--help`` through ``help_text``, which shows
+which refuses keys the YAML does not have and values of the wrong type (the YAML's first default is
+its schema: sparse_mim.config_schema), and prints ``--help`` through ``help_text``, which shows
 each key with the YAML comment that explains it.
 """
 from __future__ import annotations
@@ -50,6 +51,7 @@ def compose(config_name: str, overrides: Sequence[str], error: Type[Exception], 
 
 def _wrong_type(config_name: str, e: Exception, overrides: Sequence[str]) -> str:
     """The one-line error for a value the schema's type refuses (``train.epochs=abc``), or ''."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf.errors import ValidationError
 
     while e is not None and not isinstance(e, ValidationError):
@@ -58,10 +60,10 @@ def _wrong_type(config_name: str, e: Exception, overrides: Sequence[str]) -> str
     found = field_of(config_name, key) if key and config_name in SCHEMAS else None
     if found is None:
         return ""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     given = [o.value() for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group == key]
-    return message(key, *found, given[-1]) if given else f"{key} must be {describe(*found)} (in a preset)"
+    if given:
+        return message(key, *found, given[-1])
+    return f"{key} must be {describe(*found)}, but configs/{config_name}.yaml or its preset sets another value"
 
 
 def _groups(path: Path) -> Dict[str, object]:
