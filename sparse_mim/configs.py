@@ -3,7 +3,8 @@
 The repository's top-level ``configs/`` folder is the source of truth. A development (editable)
 install reads it in place; a regular install ships it as ``sparse_mim/_configs`` (see setup.py).
 Every command (``sparse-mim <name>`` reads ``configs/<name>.yaml``) composes through ``compose``,
-which refuses keys the YAML does not have, and prints ``--help`` through ``help_text``, which shows
+which refuses keys the YAML does not have and values of the wrong type (the YAML's first default is
+its schema: sparse_mim.config_schema), and prints ``--help`` through ``help_text``, which shows
 each key with the YAML comment that explains it.
 """
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Dict, List, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["config_dir", "compose", "help_text", "yaml_comments", "is_int", "image_and_mask_errors"]
+from .config_schema import SCHEMAS, describe, field_of, message, register
+
+__all__ = ["config_dir", "compose", "help_text", "yaml_comments"]
 
 
 def config_dir() -> Path:
@@ -32,6 +35,7 @@ def compose(config_name: str, overrides: Sequence[str], error: Type[Exception], 
     folder = config_dir()
     if not (folder / f"{config_name}.yaml").is_file():
         raise error(f"no config {config_name!r} in {folder}")
+    register()
     try:
         with initialize_config_dir(config_dir=str(folder), version_base="1.3", job_name=f"sparse-mim-{config_name}"):
             unknown = _unknown_keys(config_name, list(overrides), folder, hydra_compose)
@@ -39,7 +43,27 @@ def compose(config_name: str, overrides: Sequence[str], error: Type[Exception], 
                 raise error(unknown)
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as e:
+        wrong_type = _wrong_type(config_name, e, overrides)
+        if wrong_type:
+            raise error(wrong_type) from None
         raise error(f"{e}\n(overrides are key=value with keys from {folder / config_name}.yaml{hint})") from None
+
+
+def _wrong_type(config_name: str, e: Exception, overrides: Sequence[str]) -> str:
+    """The one-line error for a value the schema's type refuses (``train.epochs=abc``), or ''."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf.errors import ValidationError
+
+    while e is not None and not isinstance(e, ValidationError):
+        e = e.__cause__
+    key = getattr(e, "full_key", None)
+    found = field_of(config_name, key) if key and config_name in SCHEMAS else None
+    if found is None:
+        return ""
+    given = [o.value() for o in OverridesParser.create().parse_overrides(list(overrides)) if o.key_or_group == key]
+    if given:
+        return message(key, *found, given[-1])
+    return f"{key} must be {describe(*found)}, but configs/{config_name}.yaml or its preset sets another value"
 
 
 def _groups(path: Path) -> Dict[str, object]:
@@ -180,59 +204,3 @@ def help_text(config_name: str, cfg: DictConfig, usage: str) -> str:
             first = " ".join(header[start:end])  # the first paragraph
             lines.append(f"  {group}={option.stem:<{max(width - len(group) - 1, 0)}}  {first}".rstrip())
     return "\n".join(lines) + "\n"
-
-
-def is_int(value) -> bool:
-    """An integer config value (bools excluded: YAML's ``true`` is not a batch size)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def image_and_mask_errors(size, ratios: Sequence, size_key: str, ratio_key: str) -> list[str]:
-    """What is wrong with an image size and mask ratios, worded with the command's own key names.
-
-    The size must be a positive multiple of the 32-pixel patch; each ratio must leave at least one
-    visible and one masked patch of that size's grid (SparK's rounding).
-    """
-    from sparse_mim.spark.masking import check_mask_ratio
-
-    errors = []
-    size_ok = is_int(size) and size > 0 and size % 32 == 0
-    if not size_ok:
-        near = max(32, round(size / 32) * 32) if isinstance(size, (int, float)) and not isinstance(size, bool) else 224
-        errors.append(f"{size_key} must be a positive multiple of 32 (the patch size), got {size!r}; "
-                      f"e.g. {size_key}={near}")
-    for r in ratios:
-        if not isinstance(r, (int, float)) or isinstance(r, bool):
-            errors.append(f"{ratio_key}: {r!r} is not a number")
-        elif not 0.0 < r < 1.0:
-            errors.append(f"{ratio_key} must lie strictly between 0 and 1, got {r!r}")
-        elif size_ok:
-            try:
-                check_mask_ratio(float(r), (size // 32) ** 2)
-            except ValueError:
-                errors.append(_mask_advice(size, float(r), size_key, ratio_key))
-    return errors
-
-
-def _mask_advice(size: int, ratio: float, size_key: str, ratio_key: str) -> str:
-    """Why ``ratio`` leaves no visible or no masked patch at ``size``, and values that would work."""
-    from sparse_mim.spark.masking import check_mask_ratio, len_keep
-
-    def fits(s: int) -> bool:
-        try:
-            check_mask_ratio(ratio, (s // 32) ** 2)
-            return True
-        except ValueError:
-            return False
-
-    fit = next((s for s in range(size + 32, 32 * 65, 32) if fits(s)), None)
-    larger = f"{size_key}={fit} or larger" if fit else "larger images"
-    n = (size // 32) ** 2
-    if n < 2:
-        return (f"{size_key}={size} is a single 32x32 patch, which cannot be split into visible and masked "
-                f"patches; use {larger}")
-    if len_keep(n, ratio) < 1:
-        return (f"{ratio_key}={ratio} leaves no visible patch of the {n} at {size_key}={size}; use "
-                f"{ratio_key} <= {(n - 1) / n:.4g}, or {larger}")
-    return (f"{ratio_key}={ratio} leaves no masked patch of the {n} at {size_key}={size}, so there is nothing to "
-            f"reconstruct; use {ratio_key} >= {1 / n:.4g}, or {larger}")

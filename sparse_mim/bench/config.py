@@ -7,18 +7,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from .. import config_rules as rules
+from ..config_schema import setting_errors
+from ..configs import compose, config_dir
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
 CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
 WHAT = ("encoder", "step", "loader")
-METHODS = ("spark", "fcmae")
 DTYPES = ("float32", "bfloat16")
 PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
@@ -104,87 +105,47 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
     from backbones import is_backbone, list_backbones
 
-    from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
+    from ..engine.backend import BACKENDS
 
     c = OmegaConf.to_container(cfg, resolve=True)
-    errors: List[str] = []
-    known = set(OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / f"{CONFIG_NAME}.yaml")))
-    extra = sorted(set(c) - known)
-    if extra:
-        errors.append(f"unknown setting(s) {', '.join(extra)}; the settings are {', '.join(sorted(known))}")
+    errors = setting_errors(CONFIG_NAME, cfg)  # types were checked while composing (BenchConfig)
     models = [str(m) for m in _as_list(c["models"])]
     unknown = [m for m in models if not is_backbone(m)]
-    if not models:
-        errors.append(f"models is empty; give e.g. models=[resnet50] (choose from {', '.join(list_backbones())})")
-    elif unknown:
+    if unknown:
         errors.append(f"models: unknown {', '.join(unknown)}; choose a timm model name (hand-tuned: "
                       f"{', '.join(list_backbones())}; 'sparsify:<name>' forces the general path)")
-    method = str(c.get("method", "spark"))
-    if method not in METHODS:
-        errors.append(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    elif method == "fcmae":
+    method = str(c["method"])
+    if method == "fcmae":
         from sparse_mim.fcmae import FCMAEModelError, check_fcmae_model
         for m in models:
             try:
                 check_fcmae_model(m)
             except FCMAEModelError as e:
                 errors.append(str(e))
-        if c.get("cuda_graph"):
+        if c["cuda_graph"]:
             errors.append("cuda_graph=true captures SparK's encoder only; use method=spark or cuda_graph=false")
     size = c["img_size"]
     ratios = _as_list(c["mask_ratios"])
-    if not ratios:
-        errors.append("mask_ratios is empty; give e.g. mask_ratios=[0.6]")
-    loader_only = "loader" in _as_list(c["what"])  # no model, no mask: only the image size matters
-    errors += image_and_mask_errors(size, [] if loader_only else ratios, "img_size", "mask_ratios")
-    for key, low in (("batch_size", 1), ("warmup", 0), ("repeats", 1), ("decoder_width", 1)):
-        if not is_int(c[key]) or c[key] < low:
-            errors.append(f"{key} must be an integer >= {low}, got {c[key]!r}")
-    if is_int(c["decoder_width"]) and c["decoder_width"] % 32:
-        errors.append(f"decoder_width must be a multiple of 32 (halved by each of the 5 decoder blocks), "
-                      f"got {c['decoder_width']}")
-    if c["threads"] is not None and (not is_int(c["threads"]) or c["threads"] < 1):
-        errors.append(f"threads must be null or an integer >= 1, got {c['threads']!r}")
-    if c["dtype"] not in DTYPES:
-        errors.append(f"dtype must be one of {', '.join(DTYPES)}, got {c['dtype']!r}")
-    if c["execution"] not in PATHS:
-        errors.append(f"execution must be one of {', '.join(PATHS)}, got {c['execution']!r}")
-    for key in ("execution_depthwise", "execution_small_tiles"):
-        if c.get(key) is not None and c[key] not in PATHS:
-            errors.append(f"{key} must be null or one of {', '.join(PATHS)}, got {c[key]!r}")
-    if c.get("cuda_graph") and device_name_is_cpu(c):
-        errors.append("cuda_graph=true needs device=cuda (CUDA graphs)")
-    backends = [str(b) for b in _as_list(c.get("backend", "native"))]
-    if not backends or any(b not in BACKENDS for b in backends):
-        errors.append(f"backend must be one of {', '.join(BACKENDS)} or a list of them, got {c.get('backend')!r}")
-    elif "minkowski" in backends:
-        if not device_name_is_cpu(c):
-            errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine; set device=cpu")
-        try:
-            import_minkowski()
-        except MinkowskiUnavailableError as e:
-            errors.append(str(e))
     what = [str(w) for w in _as_list(c["what"])]
-    if not what or any(w not in WHAT for w in what):
-        errors.append(f"what must be a non-empty list of {', '.join(WHAT)}, got {what}")
+    loader_only = "loader" in what  # no model, no mask: only the image size matters
+    errors += rules.image_and_mask_errors(size, [] if loader_only else ratios, "img_size", "mask_ratios")
+    on_cuda = not device_name_is_cpu(c)
+    if c["cuda_graph"]:
+        errors += rules.needs_cuda("cuda_graph=true", on_cuda, "CUDA graphs", "set device=cuda")
+    backends = [str(b) for b in _as_list(c["backend"])]
+    errors += rules.check_backend_usable(backends, on_cuda, "set device=cpu")
     if "loader" in what:
         if len(what) > 1:
             errors.append(f"what=loader runs alone (it measures the input pipeline, not the encoder), got {what}")
-        if c.get("data_path") is None or not Path(str(c["data_path"])).expanduser().is_dir():
+        if c["data_path"] is None or not Path(str(c["data_path"])).expanduser().is_dir():
             errors.append(f"what=loader needs data_path=<folder of images with class subfolders>, "
-                          f"got {c.get('data_path')!r}")
-        workers = _as_list(c.get("loader_workers"))
-        if not workers or not all(is_int(w) and w >= 0 for w in workers):
-            errors.append(f"loader_workers must be a non-empty list of integers >= 0, got {workers}")
-        if not is_int(c.get("loader_batches")) or c["loader_batches"] < 1:
-            errors.append(f"loader_batches must be an integer >= 1, got {c.get('loader_batches')!r}")
+                          f"got {c['data_path']!r}")
     device = None
     try:
         device = _device(str(c["device"]))
     except BenchConfigError as e:
         errors.append(str(e))
-    if errors:
-        raise BenchConfigError("invalid benchmark config:\n  - " + "\n  - ".join(errors))
+    rules.raise_if(errors, BenchConfigError, "invalid benchmark config")
 
     notes = []
     autocast = c["dtype"] == "bfloat16" and device.type == "cuda"
