@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_mim.runtime.atomic import atomic_write
+
 from .archs import ARCHS, get_arch
 from .detectron2 import DETECTRON2_ARCHS, detectron2_config_hints, detectron2_notes, to_detectron2
 from .errors import ConversionError
@@ -19,7 +21,7 @@ from .minkowski_checkpoints import fcmae_decoder_of, to_minkowski
 from .sources import load_encoder, read_checkpoint_file
 from .timm_names import timm_classifier_keys, to_timm
 from .torchvision_names import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
-from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
+from .writers import STATE_DICT_SUFFIXES, save_state_dict
 
 _SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",),
              "minkowski": (".pth", ".pt")}

@@ -59,7 +59,9 @@ def to_minkowski(encoder: Mapping[str, torch.Tensor], arch: str) -> dict[str, to
 def fcmae_decoder_of(raw: Mapping) -> dict[str, torch.Tensor]:
     """The decoder side of one of our FCMAE pretraining checkpoints, in the official names and layouts
     (to add to `to_minkowski`'s encoder); empty for any other checkpoint."""
-    from .sources import PRETRAIN_FORMAT, all_weights
+    from sparse_mim.runtime.checkpoint import PRETRAIN_FORMAT
+
+    from .sources import all_weights
 
     config = raw.get("config") if isinstance(raw, Mapping) else None
     if raw.get("format") != PRETRAIN_FORMAT or not isinstance(config, Mapping) or config.get("method") != "fcmae":

@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
+from sparse_mim.runtime.checkpoint import PRETRAIN_FORMAT
+
 from .archs import CLASSIFIER_PREFIXES, base_arch, check_arch
 from .errors import ConversionError
 from .fcmae import fcmae_to_timm, is_fcmae_layout
 from .minkowski_checkpoints import from_minkowski_layout, is_minkowski_layout
 
-PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
 ENCODER_PREFIX = "encoder."
 REFERENCE_ENCODER_PREFIX = "sparse_encoder.sp_cnn."  # the reference SparK's SparK.sparse_encoder.sp_cnn
 OFFICIAL_CONVNEXT_MARK = "downsample_layers.0.0.weight"  # facebookresearch/ConvNeXt naming (reference SparK)

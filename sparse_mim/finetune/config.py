@@ -8,7 +8,8 @@ from typing import List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from sparse_mim.configs import compose, is_int
-from sparse_mim.train.config import ConfigError, flatten
+from sparse_mim.runtime.resume import flatten
+from sparse_mim.train.config import ConfigError
 
 __all__ = ["MODES", "compose_finetune_config", "validate_finetune_config", "effective_warmup"]
 

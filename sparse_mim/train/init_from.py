@@ -29,7 +29,7 @@ from sparse_mim.convert.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
 from sparse_mim.convert.sources import all_weights, read_checkpoint_file
 from sparse_mim.convert.spark_names import HEAD_GROUPS, spark_head_state_dict, split_spark_config
 from sparse_mim.convert.verify import key_problems, shapes_of
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.runtime.atomic import atomic_write
 
 from .config import ConfigError
 
