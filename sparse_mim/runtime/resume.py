@@ -44,7 +44,8 @@ def check_resumable(ckpt: Mapping[str, Any], config: Mapping[str, Any], path: Pa
 
 
 def resume_position(step: int, total_steps: int, steps_per_epoch: int) -> str:
-    """Where step ``step`` is: ``step 6 of 12 (end of epoch 3)`` / ``... (epoch 2, after batch 1)``."""
+    """Where step ``step`` is: ``step 6 (end of epoch 3); at step 6 of 12, 6 to go`` (or ``(epoch 2,
+    after batch 1)`` within an epoch)."""
     epoch, batch = divmod(step, steps_per_epoch)
     where = f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, after batch {batch}"
-    return f"step {step} of {total_steps} ({where})"
+    return f"step {step} ({where}); at step {step} of {total_steps}, {max(total_steps - step, 0)} to go"
