@@ -70,7 +70,7 @@ def _training_command(command: str, argv: Sequence[str], compose: Callable, load
     except ConfigError as e:
         return _error(command, e, 2)
     run, bad_input = load()
-    from sparse_mim.train.engine import NonFiniteLossError
+    from sparse_mim.runtime.step import NonFiniteLossError
 
     try:
         result = run(cfg)
@@ -151,7 +151,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         # the run's own handler (first Ctrl-C: stop after this step and save) is installed only once
         # training starts; before that, or after a second Ctrl-C, one line instead of a traceback
-        from sparse_mim.run_folder import run_started
+        from sparse_mim.runtime.run_folder import run_started
 
         if run_started():
             message = "aborted by a second Ctrl-C; rerun with the same output_dir to continue from its last checkpoint"

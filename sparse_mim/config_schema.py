@@ -78,7 +78,7 @@ class PretrainTrain:
     autocast: bool = setting()
     sync_bn: bool = setting()
     cuda_graph: bool = setting()
-    grad_sync: str = setting(choices=["auto", "sparse_mim.train.distributed:GRAD_SYNCS"], says="{or}")
+    grad_sync: str = setting(choices=["auto", "sparse_mim.runtime.distributed:GRAD_SYNCS"], says="{or}")
     log_every: int = setting(ge=1)
     save_every_steps: Optional[int] = setting(ge=1)
     save_every_minutes: Optional[float] = setting(gt=0)

@@ -40,7 +40,7 @@ from sparse_mim.convert.targets.detectron2 import (
     detectron2_name,
 )
 from sparse_mim.convert.timm_keys import timm_encoder_shapes
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.runtime.atomic import atomic_write
 
 CLASSIFIER = ("fc.", "head.")
 

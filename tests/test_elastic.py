@@ -123,7 +123,7 @@ def _agree(port: int, world: int) -> list:
 
     import torch.distributed as dist
 
-    from sparse_mim.train.distributed import _group_token
+    from sparse_mim.runtime.distributed import _group_token
 
     def rank(r: int) -> str:
         client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))

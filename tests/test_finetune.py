@@ -212,6 +212,62 @@ def test_killed_finetune_resumes_from_its_checkpoint_with_identical_losses(datas
     assert [r["loss"] for r in metrics(out) if "loss" in r] == expected
 
 
+def test_finetune_resume_refuses_a_training_set_that_changed_size(tmp_path):
+    data = tmp_path / "data"
+    for label, name in enumerate(CLASSES):
+        _class_images(data / "train" / name, label, 8)
+        _class_images(data / "val" / name, label, 2, seed=1)
+    out = tmp_path / "run"
+    finetune(_cfg(data, out, "train.epochs=1"))
+    before = (out / "checkpoint.pth").read_bytes()
+    _class_images(data / "train" / CLASSES[0], 0, 14)  # 6 more images of the first class: 30 in all
+    with pytest.raises(ConfigError, match=r"cannot resume .*dataset_size: 24 -> 30; steps_per_epoch: 4 -> 5\)"
+                                          r"\. Restore them, or use a new output_dir"):
+        finetune(_cfg(data, out, "train.epochs=1"))
+    assert (out / "checkpoint.pth").read_bytes() == before
+
+
+# -- the optimisation step -----------------------------------------------------------------------
+def test_a_nan_gradient_stops_finetuning_in_one_line_and_keeps_the_last_checkpoint(dataset, tmp_path, monkeypatch,
+                                                                                    capsys):
+    from sparse_mim.cli import main
+    from sparse_mim.finetune import run as run_module
+
+    real_build_model = run_module._build_model
+
+    def nan_gradient_from_step_5(config, num_classes):
+        model, note = real_build_model(config, num_classes)
+        calls = []
+
+        def poison(grad):
+            calls.append(1)
+            return grad * float("nan") if len(calls) >= 5 else grad
+
+        model.fc.weight.register_hook(poison)  # the loss stays finite; only the gradient is NaN
+        return model, note
+
+    monkeypatch.setattr(run_module, "_build_model", nan_gradient_from_step_5)
+    out = tmp_path / "run"
+    code = main(["finetune", *TINY, f"data.path={dataset}", f"output_dir={out}"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-1] == ("sparse-mim finetune: error: the gradient norm is nan at step 5 (epoch 2); "
+                                    "training stopped before the update, and the last checkpoint was left as it "
+                                    "was. Resume from it with a lower train.base_lr, or check the data")
+    assert load_finetune_checkpoint(out / "checkpoint.pth")["step"] == 4  # epoch 1's, not overwritten
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_finetune_metrics_log_the_data_wait_of_every_step(dataset, tmp_path):
+    out = tmp_path / "run"
+    finetune(_cfg(dataset, out, "train.epochs=1"))
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert r["data_s"] >= 0 and r["compute_s"] > 0
+        assert r["data_wait"] == pytest.approx(r["data_s"] / (r["data_s"] + r["compute_s"]))
+
+
 # -- torchrun -----------------------------------------------------------------------------------
 def test_torchrun_finetune_matches_one_process_and_gathers_the_whole_val_split(dataset, tmp_path):
     from test_distributed import torchrun

@@ -14,7 +14,7 @@ import pytest
 from helpers.runs import TINY, env, make_images
 
 from sparse_mim.cli import main
-from sparse_mim.run_folder import RunFolder, check_output_dir
+from sparse_mim.runtime.run_folder import RunFolder, check_output_dir
 
 
 class Refused(ValueError):
@@ -133,7 +133,7 @@ def test_a_pretrain_start_up_failure_after_the_folder_was_made_removes_it(images
     def broken(*args, **kwargs):
         raise RuntimeError("start-up failed after config.yaml")
 
-    monkeypatch.setattr("sparse_mim.train.trainer.Monitor", broken)
+    monkeypatch.setattr("sparse_mim.runtime.run.Monitor", broken)
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="after config.yaml"):
         pretrain(compose_config([*TINY, f"data.path={images}", f"output_dir={out}"]))

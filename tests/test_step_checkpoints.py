@@ -9,10 +9,10 @@ import torch
 from helpers.runs import TINY, make_images, metrics
 from safetensors.torch import load_file
 
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.runtime.atomic import atomic_write
+from sparse_mim.runtime.rotation import (SaveSchedule, keep_previous, newest_good_checkpoint, prune,
+                                         step_checkpoint_name, step_checkpoints)
 from sparse_mim.train import ConfigError, compose_config, load_checkpoint, pretrain
-from sparse_mim.train.rotation import (SaveSchedule, keep_previous, newest_good_checkpoint, prune,
-                                       step_checkpoint_name, step_checkpoints)
 
 
 def test_a_checkpoint_is_due_every_n_steps_or_after_m_minutes():
@@ -104,7 +104,7 @@ def test_step_checkpoints_rotate_and_a_truncated_newest_is_skipped_on_resume(tmp
 
 
 def test_data_wait_warning_fires_above_the_threshold_and_then_stays_quiet_for_a_while():
-    from sparse_mim.train.throughput import DataWaitWatch
+    from sparse_mim.runtime.throughput import DataWaitWatch
 
     watch = DataWaitWatch(0.2, window=2, quiet=3)
     fast, slow = {"data_s": 0.1, "compute_s": 0.9}, {"data_s": 0.5, "compute_s": 0.5}

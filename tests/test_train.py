@@ -20,8 +20,9 @@ from safetensors.torch import load_file
 from backbones import create_backbone
 from sparse_mim.data import DataError
 from sparse_mim.spark import SparK, build_spark
-from sparse_mim.train import (ConfigError, NonFiniteLossError, Schedule, apply_schedule, build_optimizer,
-                              compose_config, lamb_betas, load_checkpoint, peak_lr, pretrain)
+from sparse_mim.runtime.step import NonFiniteLossError
+from sparse_mim.train import (ConfigError, Schedule, apply_schedule, build_optimizer, compose_config, lamb_betas,
+                              load_checkpoint, peak_lr, pretrain)
 from sparse_mim.train.checkpoint import export_step
 
 
@@ -293,7 +294,7 @@ def test_max_steps_sizes_warmup_and_cosine_to_the_run(images, tmp_path):
 
 
 def test_first_ctrl_c_says_the_run_stops_after_this_step(capfd):
-    from sparse_mim.train.run_control import StopRequest
+    from sparse_mim.runtime.run_control import StopRequest
 
     with StopRequest(announce=True) as stop:
         os.kill(os.getpid(), signal.SIGINT)
@@ -305,7 +306,7 @@ def test_first_ctrl_c_says_the_run_stops_after_this_step(capfd):
 def test_loss_curve_of_a_short_run_names_loss_once(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from sparse_mim.train.monitor import save_loss_curve
+    from sparse_mim.runtime.monitor import save_loss_curve
     (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {i}, "loss": {1.0 / i}}}\n' for i in (1, 2, 3)))
     figures = []
     real_close = plt.close
@@ -495,7 +496,7 @@ def test_the_progress_bar_shows_each_steps_own_loss_to_the_end(images, tmp_path,
 
 def test_loss_curve_and_reconstruction_are_written_with_every_checkpoint(images, tmp_path, monkeypatch):
     """4 steps per epoch, a checkpoint every 2 steps; the run breaks at step 3, before any epoch end."""
-    from sparse_mim.train.monitor import Monitor
+    from sparse_mim.runtime.monitor import Monitor
 
     log_step = Monitor.log_step
 

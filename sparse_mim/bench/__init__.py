@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from typing import List
 
-from sparse_mim.run_folder import check_output_dir
+from sparse_mim.runtime.run_folder import check_output_dir
 
 __all__ = ["main"]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from sparse_mim.runtime.atomic import atomic_write
+
 from .archs import ARCHS, get_arch
 from .errors import ConversionError
 from .layouts.fcmae import FCMAE_DECODER_GROUPS
@@ -20,7 +22,7 @@ from .targets.minkowski import official_fcmae_decoder, to_minkowski
 from .targets.timm import to_timm
 from .targets.torchvision import TORCHVISION_ARCHS, to_torchvision, torchvision_classifier_keys
 from .timm_keys import timm_classifier_keys
-from .writers import STATE_DICT_SUFFIXES, atomic_write, save_state_dict
+from .writers import STATE_DICT_SUFFIXES, save_state_dict
 
 _SUFFIXES = {"timm": STATE_DICT_SUFFIXES, "torchvision": STATE_DICT_SUFFIXES, "detectron2": (".pkl",),
              "minkowski": (".pth", ".pt")}

@@ -31,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from sparse_mim.runtime.checkpoint import PRETRAIN_FORMAT
+
 from .archs import CLASSIFIER_PREFIXES, base_arch, check_arch
 from .errors import ConversionError
 from .files import read_file
@@ -38,9 +40,8 @@ from .layouts import to_timm_names
 from .layouts.fcmae import FCMAE_DECODER_GROUPS
 from .layouts.spark import HEAD_GROUPS, REFERENCE_ENCODER_PREFIX, config_arch, split_spark_config
 
-__all__ = ["Checkpoint", "PRETRAIN_FORMAT", "SPARSE_MIM", "REFERENCE_SPARK", "STATE_DICT", "read"]
+__all__ = ["Checkpoint", "SPARSE_MIM", "REFERENCE_SPARK", "STATE_DICT", "read"]
 
-PRETRAIN_FORMAT = "sparse-mim/pretrain-v1"
 ENCODER_PREFIX = "encoder."
 #: What wrote the file (`Checkpoint.source`).
 SPARSE_MIM = "sparse-mim"            # one of our pretraining checkpoints ("format": PRETRAIN_FORMAT)

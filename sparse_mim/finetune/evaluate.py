@@ -1,7 +1,6 @@
 """Predictions over a whole split (sharded over processes), kNN classification and the accuracy summary."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
@@ -10,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from sparse_mim.train.distributed import DistInfo, all_gather_objects
+from sparse_mim.runtime.distributed import DistInfo, all_gather_objects
+from sparse_mim.runtime.step import autocast as autocast_on
 
 __all__ = ["run_over", "knn_classify", "accuracy_summary", "save_confusion_png"]
 
@@ -22,11 +22,9 @@ def run_over(fn: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, info:
     ``world_size``-th item; the results are gathered on every process."""
     indices = list(range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    amp = (torch.autocast("cuda", dtype=torch.bfloat16) if autocast and info.device.type == "cuda"
-           else contextlib.nullcontext())
     outputs, labels = [], []
     for images, targets, _ in loader:
-        with amp:
+        with autocast_on(info, autocast):
             outputs.append(fn(images.to(info.device, non_blocking=True)).float().cpu())
         labels.append(targets)
     mine = (torch.tensor(indices, dtype=torch.long), torch.cat(outputs), torch.cat(labels))

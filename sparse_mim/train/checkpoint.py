@@ -1,16 +1,7 @@
 """Pretraining checkpoints: one resumable file plus an encoder export, both written atomically.
 
-``checkpoint.pth``::
-
-    {"format": "sparse-mim/pretrain-v1",
-     "model": SparK state_dict (no DDP prefix), "optimizer": optimizer state_dict,
-     "epoch": completed epochs, "step": completed optimizer steps,
-     "config": the run's config (plain dict), "arch": backbone name,
-     "rng": {"torch", "cuda", "numpy", "python": rank 0's generators,
-             "other_ranks": [the same for ranks 1, 2, ...],
-             "sampler": {"seed", "epoch", "batch_in_epoch", "steps_per_epoch", "dataset_size"}}}
-
-Everything in it loads with ``torch.load(..., weights_only=True)``. Beside it,
+``checkpoint.pth`` is the run's resumable checkpoint (``sparse_mim.runtime.checkpoint``, format
+``sparse-mim/pretrain-v1``, ``model`` the SparK / FCMAE state_dict). Beside it,
 ``encoder_<arch>.safetensors`` holds the encoder alone with timm's key names and metadata
 ``{"arch": ..., "key_names": "timm", "step": the checkpoint step it was exported at}``, ready for
 ``timm.create_model(arch).load_state_dict(..., strict=False)`` (no head).
@@ -23,54 +14,22 @@ every start) sees it by the step and exports again.
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Optional
 
-import numpy as np
 import torch
 
-from sparse_mim.convert.reader import PRETRAIN_FORMAT as FORMAT
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.runtime.atomic import atomic_write
+from sparse_mim.runtime.checkpoint import PRETRAIN_FORMAT, load_checkpoint as load_run_checkpoint, write_checkpoint
 
-__all__ = ["FORMAT", "CHECKPOINT_NAME", "encoder_export_name", "rng_state", "set_rng_state", "rank_rng_state",
-           "save_checkpoint", "save_encoder", "export_step", "refresh_encoder_export", "load_checkpoint"]
-
-CHECKPOINT_NAME = "checkpoint.pth"
+__all__ = ["encoder_export_name", "save_checkpoint", "save_encoder", "export_step", "refresh_encoder_export",
+           "load_checkpoint"]
 
 
 def encoder_export_name(arch: str) -> str:
     """``encoder_<arch>.safetensors``, with ``:`` (``sparsify:resnet50``) spelled ``-``: a colon is not
     allowed in Windows file names and reads as a drive or remote in many tools."""
     return f"encoder_{arch.replace(':', '-')}.safetensors"
-
-
-# -- random number generators ----------------------------------------------------------------------
-def rng_state() -> Dict[str, Any]:
-    """This process's torch (CPU and CUDA), numpy and Python generators, as plain containers."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-            "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
-            "python": random.getstate()}
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def rank_rng_state(rng: Mapping[str, Any], rank: int) -> Optional[Mapping[str, Any]]:
-    """The generators ``rank`` saved in a checkpoint's ``rng``, or None if that rank did not exist."""
-    if rank == 0:
-        return rng
-    others = rng.get("other_ranks") or []
-    return others[rank - 1] if rank - 1 < len(others) else None
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -112,29 +71,17 @@ def save_checkpoint(output_dir: str | os.PathLike, *, model: torch.nn.Module, op
                     epoch: int, step: int, config: Dict[str, Any], arch: str, rng: Dict[str, Any]) -> Path:
     """Write ``checkpoint.pth`` and ``encoder_<arch>.safetensors`` into ``output_dir``.
 
-    ``model`` is the bare SparK module (not the DDP wrapper); ``rng`` see the module docstring.
+    ``model`` is the bare SparK / FCMAE module (not the DDP wrapper); ``rng`` see
+    ``sparse_mim.runtime.checkpoint``.
     """
-    output_dir = Path(output_dir)
-    ckpt = {"format": FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": int(epoch), "step": int(step), "config": config, "arch": arch, "rng": rng}
-    path = atomic_write(output_dir / CHECKPOINT_NAME, lambda tmp: torch.save(ckpt, tmp))
-    save_encoder(model.encoder, output_dir / encoder_export_name(arch), arch, step)
+    path = write_checkpoint(output_dir, PRETRAIN_FORMAT, model=model, optimizer=optimizer, epoch=epoch, step=step,
+                            config=config, arch=arch, rng=rng)
+    save_encoder(model.encoder, Path(output_dir) / encoder_export_name(arch), arch, step)
     return path
 
 
 # -- reading ---------------------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike, fmt: str = FORMAT, kind: str = "pretraining") -> Dict[str, Any]:
-    """Read a ``checkpoint.pth`` of format ``fmt`` (``save_checkpoint``'s by default; the fine-tuning
-    run's too) with tensors only, no arbitrary code."""
-    path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"could not read the checkpoint {path}: {e}; move it away to start afresh") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != fmt:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f"{path} is not a sparse-mim {kind} checkpoint (format {found!r}, expected "
-                         f"{fmt!r}); use another output_dir")
-    return ckpt
-
-
+def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
+    """Read a pretraining ``checkpoint.pth`` (tensors only, no arbitrary code); ``ValueError`` for a
+    file that cannot be read or is not a pretraining checkpoint."""
+    return load_run_checkpoint(path, PRETRAIN_FORMAT, "pretraining")

@@ -13,7 +13,7 @@ from .. import config_rules as rules
 from ..config_schema import setting_errors
 from ..configs import compose, config_dir
 
-__all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "flatten", "resolve_grad_sync"]
+__all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "resolve_grad_sync"]
 
 CONFIG_DIR = config_dir()
 
@@ -30,17 +30,6 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain")
 
 def to_plain(cfg: DictConfig) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}``."""
-    out: Dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def resolve_grad_sync(train: Dict[str, Any]) -> str:
@@ -64,6 +53,7 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     from backbones import create_backbone, is_backbone
     from backbones.registry import UnknownBackboneError
 
+    from sparse_mim.runtime.distributed import GRAD_SYNCS
     from .methods import method_errors
 
     missing = rules.missing_settings(cfg, "data.path=/data/imagenet")

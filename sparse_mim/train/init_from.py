@@ -27,7 +27,7 @@ from sparse_mim.convert.errors import advice_for
 from sparse_mim.convert.layouts.fcmae import FCMAE_DECODER_GROUPS, fcmae_head_state_dict
 from sparse_mim.convert.layouts.spark import HEAD_GROUPS, spark_head_state_dict
 from sparse_mim.convert.verify import key_problems, shapes_of
-from sparse_mim.convert.writers import atomic_write
+from sparse_mim.runtime.atomic import atomic_write
 
 from .config import ConfigError
 

@@ -7,9 +7,9 @@ import sys
 
 import torch
 
+from sparse_mim.runtime.distributed import (all_gather_objects, all_reduce_mean, init_distributed, shutdown, unwrap,
+                                            wrap_model)
 from sparse_mim.spark import build_spark, random_patch_mask
-from sparse_mim.train.distributed import (all_gather_objects, all_reduce_mean, init_distributed, shutdown, unwrap,
-                                          wrap_model)
 
 GLOBAL_BATCH, IMG_SIZE = 4, 64
 

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from sparse_mim.convert.writers import atomic_write
-
+from .atomic import atomic_write
 from .checkpoint import CHECKPOINT_NAME
 
 __all__ = ["SaveSchedule", "step_checkpoint_name", "step_checkpoints", "keep_previous", "prune",
