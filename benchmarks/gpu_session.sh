@@ -4,7 +4,7 @@
 #   STEPS="graphcheck sweep graph fp32" OUT=... bash benchmarks/gpu_session.sh
 # Steps: equivalence (eager rules + CUDA graph, fp32), graphcheck (CUDA graph only), sweep (execution
 # rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor,
-# scale (issue 12: the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
+# scale (the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
 # graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min), fcmae (ConvNeXt V2's
 # FCMAE encoder and step, sparse vs masked-dense, bf16 then float32, ConvNeXt V2-Tiny and -Base, ~3 min).
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).

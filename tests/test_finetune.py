@@ -206,9 +206,9 @@ def test_cli_reports_bad_input_in_one_line(dataset, tmp_path):
 # -- resume -------------------------------------------------------------------------------------
 def test_killed_finetune_resumes_from_its_checkpoint_with_identical_losses(dataset, tmp_path):
     args = ["python", "-m", "sparse_mim", "finetune", *TINY, "train.epochs=3", f"data.path={dataset}"]
-    reference = tmp_path / "reference"
-    assert run([*args, f"output_dir={reference}"]).returncode == 0
-    expected = [r["loss"] for r in metrics(reference) if "loss" in r]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run([*args, f"output_dir={uninterrupted}"]).returncode == 0
+    expected = [r["loss"] for r in metrics(uninterrupted) if "loss" in r]
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([*args, f"output_dir={out}"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
