@@ -295,7 +295,7 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
-def check_sparse(backbone: nn.Module, trace: DenseTrace, references: List[torch.Tensor], names: List[str],
+def check_sparse(backbone: nn.Module, trace: DenseTrace, dense_maps: List[torch.Tensor], names: List[str],
                  dtype: torch.dtype) -> None:
     """Run ``backbone`` on the trace's images, all patches visible: refuse every unsupported glue op
     (all of them, with module paths), then any feature map that differs from the dense model's."""
@@ -309,8 +309,8 @@ def check_sparse(backbone: nn.Module, trace: DenseTrace, references: List[torch.
     if found.offences or failure:
         raise _refusal(model, found, failure)
     tol = TOLERANCE.get(dtype, 1e-3)
-    for name, ours, ref in zip(names, features, references):
-        err = _error(_logical(ours), ref)
+    for name, ours, dense in zip(names, features, dense_maps):
+        err = _error(_logical(ours), dense)
         if err > tol:
             first = _first_difference(backbone, trace, tol)
             where = f"; the first module whose output differs is {first}" if first else ""

@@ -47,11 +47,11 @@ class SparsifiedBackbone(SparseBackbone):
         training = model.training
         with dry_run.prepared(model) as dtype:
             trace = dry_run.trace_dense(model, dtype)
-            references, head = self._choose_features(model, feature_modules, trace)
+            dense_maps, head = self._choose_features(model, feature_modules, trace)
             self.dropped_head = self._swap_layers(model, head)  # module paths, for messages and docs
             self._adopt(model)
             names = self._paths or [f"output {i}" for i in self._list_indices]
-            dry_run.check_sparse(self, trace, references, names, dtype)
+            dry_run.check_sparse(self, trace, dense_maps, names, dtype)
         self.training = training  # the modules' own modes are as they were (restored by prepared)
 
     def _choose_features(self, model: nn.Module, feature_modules, trace: dry_run.DenseTrace):

@@ -52,7 +52,7 @@ if want graph && [ "$graph_ok" = 1 ]; then
     bench graph_convnext_base 80 "${common[@]}" cuda_graph=true 'models=[convnext_base]' 'mask_ratios=[0.6,0.9]'
 fi
 if want fp32; then
-    echo "== bench, float32 (the reference's float32 figures)"
+    echo "== bench, float32 (the official float32 figures)"
     fp32=(batch_size=128 img_size=224 device=cuda warmup=2 repeats=4 'mask_ratios=[0.6]' dtype=float32 memory=false)
     bench fp32_convnext_small 70 "${fp32[@]}" 'what=[step]' 'models=[convnext_small]'
     [ "$graph_ok" = 1 ] && bench fp32_graph_convnext_small 70 "${fp32[@]}" 'what=[step]' cuda_graph=true 'models=[convnext_small]'
