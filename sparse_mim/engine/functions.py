@@ -534,7 +534,7 @@ def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=
 
 def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                 divisor_override=None):
-    """``F.avg_pool2d`` called in a forward (GhostNet V2's gate): the semantics of ``nn.AvgPool2d``'s sparse counterpart."""
+    """``F.avg_pool2d`` called in a forward (GhostNet V2's gate), as ``nn.AvgPool2d``'s sparse counterpart."""
     return _pool_layer(x, "avg_pool2d", torch.nn.AvgPool2d(kernel_size, stride, padding, ceil_mode,
                                                             count_include_pad, divisor_override))
 
