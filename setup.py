@@ -45,7 +45,7 @@ setup(
         "scikit-image",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "import-linter>=2.17"],  # lint-imports: the contracts in .importlinter
         # the documentation site: mkdocs build --strict (see mkdocs.yml)
         "docs": ["mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26", "mkdocstrings-python>=1.12"],
         # built from source after torch: see docs/minkowski.md

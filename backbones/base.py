@@ -1,4 +1,5 @@
-"""What every sparse backbone shares: turning (images, patch mask) into the engine's input tensor."""
+"""What every sparse backbone shares: ``model(images, patch mask)`` -> feature maps, the input built by
+``engine.patch_input`` and run on the backbone's backend."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparse_mim.engine import recompute
-from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size, use_backend
+from sparse_mim.engine import patch_input, use_backend
 
 __all__ = ["SparseBackbone"]
 
@@ -30,27 +31,9 @@ class SparseBackbone(nn.Module):
     def feature_info(self) -> List[dict]:
         return [dict(num_chs=c, reduction=s) for c, s in zip(self.feature_channels, self.feature_strides)]
 
-    def make_input(self, images: torch.Tensor, active: Optional[torch.Tensor], dense_reference: bool):
-        check_image_size(images, self.downsample_ratio)
-        grid = (images.shape[0], images.shape[2] // self.downsample_ratio, images.shape[3] // self.downsample_ratio)
-        if active is None:
-            active = torch.ones(grid, dtype=torch.bool, device=images.device)
-        if tuple(active.shape) != grid:
-            raise SparseInputError(f"patch mask shape {tuple(active.shape)} does not match images "
-                                   f"{tuple(images.shape)}: expected {grid} (one entry per 32x32 patch)")
-        if active.dtype != torch.bool:
-            raise SparseInputError(f"patch mask must be bool (True = visible), got {active.dtype}")
-        empty = ~active.flatten(1).any(1)
-        if bool(empty.any()):  # one host sync per batch, before the network
-            raise SparseInputError(f"every patch of image(s) {empty.nonzero().flatten().tolist()} is masked: "
-                                   "each image needs at least one visible patch")
-        if dense_reference:
-            return MaskedDenseTensor.from_patch_mask(images, active, self.downsample_ratio)
-        return SparseTensor.from_patch_mask(images, active, self.downsample_ratio)
-
     def forward(self, images: torch.Tensor, active: Optional[torch.Tensor] = None,
                 dense_reference: bool = False):
-        x = self.make_input(images, active, dense_reference)
+        x = patch_input(images, active, self.downsample_ratio, dense_reference=dense_reference)
         # the sparse encoder rebuilds BatchNorm -> ReLU outputs in backward instead of keeping them
         saving = contextlib.nullcontext() if dense_reference else recompute.saving()
         with use_backend(self.backend), saving:

@@ -105,7 +105,7 @@ def _run_dtype(model: nn.Module) -> torch.dtype:
 def prepared(model: nn.Module) -> Iterator[torch.dtype]:
     """Put ``model`` in eval mode (half precision cast to float32); afterwards (also after an error) every
     parameter, buffer (dtype and value), module mode and the random state is as it was. Layers swapped
-    for twins meanwhile hold the same tensors, so they are restored too."""
+    for sparse counterparts meanwhile hold the same tensors, so they are restored too."""
     dtype = _run_dtype(model)
     modes = {path: m.training for path, m in model.named_modules()}
     modules = list(model.modules())
@@ -295,7 +295,7 @@ def _error(a: torch.Tensor, b: torch.Tensor) -> float:
     return err / scale if scale > 0 else err
 
 
-def check_sparse(backbone: nn.Module, trace: DenseTrace, references: List[torch.Tensor], names: List[str],
+def check_sparse(backbone: nn.Module, trace: DenseTrace, dense_maps: List[torch.Tensor], names: List[str],
                  dtype: torch.dtype) -> None:
     """Run ``backbone`` on the trace's images, all patches visible: refuse every unsupported glue op
     (all of them, with module paths), then any feature map that differs from the dense model's."""
@@ -309,15 +309,15 @@ def check_sparse(backbone: nn.Module, trace: DenseTrace, references: List[torch.
     if found.offences or failure:
         raise _refusal(model, found, failure)
     tol = TOLERANCE.get(dtype, 1e-3)
-    for name, ours, ref in zip(names, features, references):
-        err = _error(_logical(ours), ref)
+    for name, ours, dense in zip(names, features, dense_maps):
+        err = _error(_logical(ours), dense)
         if err > tol:
             first = _first_difference(backbone, trace, tol)
             where = f"; the first module whose output differs is {first}" if first else ""
             raise SparsifyMismatchError(
                 f"the sparse {type(model).__name__} with every patch visible does not reproduce the dense model: "
                 f"feature map {name!r} differs (relative error {err:.2e} > {tol:.0e}){where}. A layer or glue op of "
-                "this model has a twin that computes something else; replace it, or report the model")
+                "this model has a sparse counterpart that computes something else; replace it, or report the model")
 
 
 def _refusal(model: nn.Module, found, failure) -> UnsupportedOperationError:
@@ -331,7 +331,7 @@ def _refusal(model: nn.Module, found, failure) -> UnsupportedOperationError:
             f"the sparse {type(model).__name__} fails in its dry run")
     err = UnsupportedOperationError(
         f"{head}:\n" + "\n".join(lines) + "\nRewrite these lines with the ops listed in sparse_mim.engine.functions, "
-        "use layers with sparse twins instead, or keep these modules out of the encoder (feature_modules=[...])",
+        "use layers with sparse counterparts instead, or keep these modules out of the encoder (feature_modules=[...])",
         [(p, op) for p, op, _ in found.offences] + ([(failure[0], type(failure[1]).__name__)] if failure else []))
     if failure is not None:
         err.__cause__ = failure[1]

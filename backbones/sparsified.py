@@ -1,7 +1,7 @@
 """Any CNN as a sparse SparK encoder: ``sparsify(model)`` around a timm or torchvision model.
 
 The model's own ``forward`` runs unchanged on the engine's tensors (its layers swapped for sparse
-twins by ``sparse_mim.engine.sparsify_layers``). The four feature maps at strides 4, 8, 16, 32 are
+counterparts by ``sparse_mim.engine.sparsify_layers``). The four feature maps at strides 4, 8, 16, 32 are
 read from the modules named in the model's ``feature_info`` (timm), in ``feature_modules``, or
 found by a dry run (the last module output at each stride), through forward hooks; the forward stops
 after the last one. The modules that first run after it in the dry run (pooling, classifier, timm's
@@ -47,11 +47,11 @@ class SparsifiedBackbone(SparseBackbone):
         training = model.training
         with dry_run.prepared(model) as dtype:
             trace = dry_run.trace_dense(model, dtype)
-            references, head = self._choose_features(model, feature_modules, trace)
+            dense_maps, head = self._choose_features(model, feature_modules, trace)
             self.dropped_head = self._swap_layers(model, head)  # module paths, for messages and docs
             self._adopt(model)
             names = self._paths or [f"output {i}" for i in self._list_indices]
-            dry_run.check_sparse(self, trace, references, names, dtype)
+            dry_run.check_sparse(self, trace, dense_maps, names, dtype)
         self.training = training  # the modules' own modes are as they were (restored by prepared)
 
     def _choose_features(self, model: nn.Module, feature_modules, trace: dry_run.DenseTrace):
@@ -72,7 +72,7 @@ class SparsifiedBackbone(SparseBackbone):
 
     @staticmethod
     def _swap_layers(model: nn.Module, head: List[str]) -> List[str]:
-        """Head -> Identity, then every layer -> its twin; on a refused layer the head is put back."""
+        """Head -> Identity, then every layer -> its sparse counterpart; on a refused layer the head is put back."""
         dropped = dry_run.drop(model, head)
         try:
             sparsify_layers(model)
@@ -183,7 +183,7 @@ def _norm_kind(encoder: nn.Module) -> str:
 def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) -> SparsifiedBackbone:
     """Turn a dense CNN (timm, torchvision or your own) into a sparse SparK encoder sharing its parameters.
 
-    ``model`` is changed in place (its layers become sparse twins); the returned backbone registers
+    ``model`` is changed in place (its layers become sparse counterparts); the returned backbone registers
     the same children, so ``backbone.state_dict()`` has the model's keys minus the head (the modules
     that first run after the last feature map). Feature maps come from timm's ``feature_info``, else
     from ``feature_modules`` (module paths whose outputs are the maps at strides 4, 8, 16, 32), else
@@ -192,7 +192,7 @@ def sparsify(model: nn.Module, feature_modules: Optional[Sequence[str]] = None) 
     Everything is checked here, on one tiny forward (batch 2, 64 px or the smallest multiple of 32
     the model accepts; eval mode, no grad; parameters, buffers, modes and random state untouched):
 
-    * ``UnsupportedLayerError``: every layer with no sparse twin (path and type), before anything is swapped;
+    * ``UnsupportedLayerError``: every layer with no sparse counterpart (path and type), before anything is swapped;
     * ``UnsupportedOperationError``: every glue op of the model's own ``forward`` with no sparse
       meaning (module path and op), all listed at once;
     * ``SparsifyMismatchError``: the sparse encoder with every patch visible does not reproduce the

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Detectron2 .pkl files load under numpy 1.x as well as numpy 2.x (issue 10, defect 6).
+# Detectron2 .pkl files load under numpy 1.x as well as numpy 2.x.
 #
 #   bash benchmarks/detectron2_numpy1.sh            # makes $NUMPY1_ENV (default /tmp/np126) if missing
 #

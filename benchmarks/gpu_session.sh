@@ -4,7 +4,7 @@
 #   STEPS="graphcheck sweep graph fp32" OUT=... bash benchmarks/gpu_session.sh
 # Steps: equivalence (eager rules + CUDA graph, fp32), graphcheck (CUDA graph only), sweep (execution
 # rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor,
-# scale (issue 12: the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
+# scale (the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
 # graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min), fcmae (ConvNeXt V2's
 # FCMAE encoder and step, sparse vs masked-dense, bf16 then float32, ConvNeXt V2-Tiny and -Base, ~3 min).
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).
@@ -52,7 +52,7 @@ if want graph && [ "$graph_ok" = 1 ]; then
     bench graph_convnext_base 80 "${common[@]}" cuda_graph=true 'models=[convnext_base]' 'mask_ratios=[0.6,0.9]'
 fi
 if want fp32; then
-    echo "== bench, float32 (the reference's float32 figures)"
+    echo "== bench, float32 (the official float32 figures)"
     fp32=(batch_size=128 img_size=224 device=cuda warmup=2 repeats=4 'mask_ratios=[0.6]' dtype=float32 memory=false)
     bench fp32_convnext_small 70 "${fp32[@]}" 'what=[step]' 'models=[convnext_small]'
     [ "$graph_ok" = 1 ] && bench fp32_graph_convnext_small 70 "${fp32[@]}" 'what=[step]' cuda_graph=true 'models=[convnext_small]'

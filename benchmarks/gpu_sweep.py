@@ -22,7 +22,7 @@ import torch
 
 from sparse_mim.bench.timing import interleaved_times, synchronizer
 from sparse_mim.bench.workload import Workload, WorkloadSpec
-from sparse_mim.engine import PatchCoordinateManager, SparseTensor
+from sparse_mim.engine import PatchCoordinateManager, patch_input
 from sparse_mim.engine.ops import gather as gather_ops
 from sparse_mim.spark import random_patch_mask
 
@@ -110,7 +110,7 @@ def maps_in_step_ms(workload: Workload, repeats: int) -> float:
                 start = time.perf_counter()
                 if fresh:
                     manager = PatchCoordinateManager(active, encoder.downsample_ratio)
-                x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
+                x = patch_input(images, manager=manager)
                 encoder.forward_features(x)
                 sync()
                 timings.append(time.perf_counter() - start)

@@ -1,4 +1,4 @@
-"""Pretraining with ``train.cuda_graph=true`` vs eager, and the graph path under torchrun (issue 12).
+"""Pretraining with ``train.cuda_graph=true`` vs eager, and the graph path under torchrun.
 
 Three short ``sparse-mim pretrain`` runs with the same seed, data and masks (the masks are drawn before
 the encoder, so the graph replays the eager model's work on the same inputs):

@@ -7,15 +7,15 @@
 Variants, each in a fresh subprocess with the method of ``sparse_mim.bench.memory`` (one untimed
 iteration, then the peak resident size of a second one above the resident size before it):
 
-* ``official``: a replica, written for this benchmark, of how the reference SparK (keyu-tian/SparK,
+* ``official``: a replica, written for this benchmark, of how the official SparK (keyu-tian/SparK,
   ``pretrain/encoder.py``) simulates sparsity on a dense network: every Conv2d / MaxPool2d output is
   multiplied in place by the mask at its resolution; BatchNorm is ``BatchNorm1d`` on the active rows
   gathered with ``x.permute(0, 2, 3, 1)[active.nonzero()]`` and written back into ``zeros_like``;
   ConvNeXt's LayerNorm likewise; the ConvNeXt block masks its branch in place before the residual
-  add. The ResNet is timm's ``resnet50`` (as the reference uses) with those modules swapped in; the
-  ConvNeXt is a replica of the reference's own (dwconv -> permute -> LayerNorm -> Linear -> GELU ->
-  Linear -> gamma -> permute -> mask -> residual). NCHW memory, as the reference runs. It is not
-  the reference's code: it has no hierarchy of decoders, loss or optimizer; only the encoder.
+  add. The ResNet is timm's ``resnet50`` (as the official code uses) with those modules swapped in; the
+  ConvNeXt is a replica of the official one (dwconv -> permute -> LayerNorm -> Linear -> GELU ->
+  Linear -> gamma -> permute -> mask -> residual). NCHW memory, as the official code runs. It is not
+  the official code: it has no hierarchy of decoders, loss or optimizer; only the encoder.
 * ``dense``: our masked-dense baseline (``sparse_mim.bench`` workload, channels_last).
 * ``sparse``: our sparse encoder.
 
@@ -48,7 +48,7 @@ from sparse_mim.bench.workload import Workload, WorkloadSpec  # noqa: E402
 
 # -- the replica ---------------------------------------------------------------------------------------
 class _Mask:
-    """The current patch mask (B, 1, h, w), as the reference keeps it in a module-level global."""
+    """The current patch mask (B, 1, h, w), as the official code keeps it in a module-level global."""
 
     active = None
 
@@ -103,7 +103,7 @@ class GatheredLayerNorm(nn.LayerNorm):
 
 
 def _swap_resnet_modules(m: nn.Module) -> nn.Module:
-    """The reference's conversion of a dense timm model: Conv2d / MaxPool2d / BatchNorm2d swapped."""
+    """The official code's conversion of a dense timm model: Conv2d / MaxPool2d / BatchNorm2d swapped."""
     out = m
     if isinstance(m, nn.Conv2d):
         out = MaskedConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
@@ -169,7 +169,7 @@ class _Block(nn.Module):
 
 
 class OfficialConvNeXt(nn.Module):
-    """The reference's ConvNeXt, parameter names as ours (timm's) so that our weights load."""
+    """The official ConvNeXt, parameter names as ours (timm's) so that our weights load."""
 
     def __init__(self, depths, dims, drop_path_rate: float):
         super().__init__()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU setting of the issue (one GPU): batch 128, 224 px, mask 0.6.
+# The GPU setting of the results (one GPU): batch 128, 224 px, mask 0.6.
 #   1. ResNet-50, ConvNeXt-B, ConvNeXt-S in bfloat16 autocast (encoder fwd+bwd and the full step);
-#   2. ConvNeXt-S and ResNet-50 in float32, for the reference SparK's float32 figures
-#      (benchmarks/RESULTS.md; the reference cannot run ConvNeXt in bfloat16).
+#   2. ConvNeXt-S and ResNet-50 in float32, for the official SparK's float32 figures
+#      (benchmarks/RESULTS.md; the official code cannot run ConvNeXt in bfloat16).
 # Extra key=value arguments go to both runs (e.g. execution=implicit_gemm, repeats=20).
 #   PYTHON=/path/to/python OUTPUT_DIR=bench_out benchmarks/run_gpu.sh
 set -euo pipefail

@@ -2,9 +2,10 @@
 # Input-pipeline throughput (sparse-mim bench what=loader) on imagenette-128 and on 224-px JPEG
 # re-encodes of it made on the fly in a temporary folder (the first 100 images of each class,
 # upscaled to a 224-px short side, JPEG quality 90).
-# Usage: benchmarks/run_loader.sh [DATA] [OUT] [bench overrides, e.g. repeats=5 loader_workers=[0,1,2]]
+# Usage: benchmarks/run_loader.sh DATA [OUT] [bench overrides, e.g. repeats=5 loader_workers=[0,1,2]]
+#   DATA: a folder of Imagenette-128 images (its train/ split)
 set -euo pipefail
-DATA=${1:-../shared/datasets/imagenette-128/train}
+DATA=${1:?usage: benchmarks/run_loader.sh DATA [OUT] [overrides]: DATA is a folder of Imagenette-128 images}
 OUT=${2:-bench_out/loader}
 shift $(( $# < 2 ? $# : 2 ))
 TMP=$(mktemp -d)

@@ -4,7 +4,7 @@ A page asks for one with an HTML comment on a line of its own:
 
     <!-- gen:settings pretrain -->      every key of configs/pretrain.yaml, its default and its comment
                                         (the same source as `sparse-mim pretrain --help`)
-    <!-- gen:supported-layers -->       the dense layer types `sparsify` swaps for sparse twins
+    <!-- gen:supported-layers -->       the dense layer types `sparsify` swaps for sparse counterparts
     <!-- gen:errors -->                 every public exception class of the package, with its docstring
     <!-- gen:include PATH -->           a repository file (e.g. benchmarks/RESULTS.md), links adapted
 
@@ -74,7 +74,7 @@ def supported_layers_table() -> str:
     for name in supported_layer_types():
         origin, cls = name.split(".", 1)
         by_origin.setdefault(origin, []).append(f"`{cls}`")
-    rows = ["| defined in | layer types with a sparse twin |", "|---|---|"]
+    rows = ["| defined in | layer types with a sparse counterpart |", "|---|---|"]
     rows += [f"| {origin} | {', '.join(names)} |" for origin, names in by_origin.items()]
     return "\n".join(rows)
 

@@ -83,10 +83,10 @@ def _wait(launcher: subprocess.Popen, deadline: float, log: Path) -> int:
 
 
 def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical(images, tmp_path):
-    reference, reference_log = tmp_path / "uninterrupted", tmp_path / "uninterrupted.log"
-    with reference_log.open("w") as log:
-        code = _wait(_launch(reference, images, log), time.monotonic() + TIMEOUT, reference_log)
-    assert code == 0, f"the uninterrupted run failed (exit {code}):\n" + _tail(reference_log)
+    uninterrupted, uninterrupted_log = tmp_path / "uninterrupted", tmp_path / "uninterrupted.log"
+    with uninterrupted_log.open("w") as log:
+        code = _wait(_launch(uninterrupted, images, log), time.monotonic() + TIMEOUT, uninterrupted_log)
+    assert code == 0, f"the uninterrupted run failed (exit {code}):\n" + _tail(uninterrupted_log)
 
     out, killed_log = tmp_path / "killed", tmp_path / "killed.log"
     with killed_log.open("w") as log:
@@ -108,9 +108,9 @@ def test_a_killed_worker_is_restarted_by_torchrun_and_the_run_ends_bit_identical
                                                                    "(exactly once):\n" + text)
 
     assert [r["step"] for r in metrics(out)] == list(range(1, 9)), "metrics.jsonl is not one line per step"
-    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(reference)]
+    assert [r["loss"] for r in metrics(out)] == [r["loss"] for r in metrics(uninterrupted)]
     ours = load_file(str(out / "encoder_resnet18.safetensors"))
-    theirs = load_file(str(reference / "encoder_resnet18.safetensors"))
+    theirs = load_file(str(uninterrupted / "encoder_resnet18.safetensors"))
     assert ours.keys() == theirs.keys()
     differ = [k for k in ours if not torch.equal(ours[k], theirs[k])]
     assert not differ, f"{len(differ)} encoder tensors differ from the uninterrupted run's, e.g. {differ[:3]}"

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from helpers.runs import env, metrics, run
-from sparse_mim.finetune import (compose_finetune_config, finetune, knn_classify, label_subset,
+from sparse_mim.finetune import (LabelledImages, compose_finetune_config, finetune, knn_classify, label_subset,
                                  load_finetune_checkpoint)
 from sparse_mim.train import ConfigError
 from sparse_mim.data import DataError
@@ -69,6 +69,23 @@ def test_label_subset_is_deterministic_and_class_balanced():
     assert np.bincount(np.asarray(labels)[first]).tolist() == [5, 5, 5, 5]
     assert label_subset(labels, 1.0, seed=7) == list(range(200))
     assert len(label_subset([0, 1], 0.01, seed=0)) == 2  # at least one image per class
+
+
+# -- unreadable images ---------------------------------------------------------------------------
+def test_an_unreadable_labelled_image_is_replaced_by_the_next_readable_one_with_its_label(tmp_path):
+    _class_images(tmp_path, label=2, count=1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    images = LabelledImages([(str(broken), 0), (str(tmp_path / "2_00.png"), 2)], lambda image: image.size)
+    assert images[0] == ((40, 40), 2, 0)
+    assert images[1] == ((40, 40), 2, -1)
+
+
+def test_labelled_images_none_readable_is_an_error_naming_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="no readable image in 1 images: .*broken.png"):
+        LabelledImages([(str(broken), 0)], lambda image: image)[0]
 
 
 # -- kNN ----------------------------------------------------------------------------------------
@@ -189,9 +206,9 @@ def test_cli_reports_bad_input_in_one_line(dataset, tmp_path):
 # -- resume -------------------------------------------------------------------------------------
 def test_killed_finetune_resumes_from_its_checkpoint_with_identical_losses(dataset, tmp_path):
     args = ["python", "-m", "sparse_mim", "finetune", *TINY, "train.epochs=3", f"data.path={dataset}"]
-    reference = tmp_path / "reference"
-    assert run([*args, f"output_dir={reference}"]).returncode == 0
-    expected = [r["loss"] for r in metrics(reference) if "loss" in r]
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run([*args, f"output_dir={uninterrupted}"]).returncode == 0
+    expected = [r["loss"] for r in metrics(uninterrupted) if "loss" in r]
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([*args, f"output_dir={out}"], env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_mim import SparseTensor
-from sparse_mim.engine import UnsupportedOperationError, sparsify_layers
+from sparse_mim.engine import UnsupportedOperationError, patch_input, sparsify_layers
 from sparse_mim.engine.errors import UnsupportedLayerError
 from sparse_mim.engine.tensor import MaskedDenseTensor
 
@@ -61,11 +61,11 @@ def check(model, size=(16, 24), batch=2, masks=("random", "corners")):
     grid = (size[0] // P, size[1] // P)
     for kind in masks:
         mask = patch_mask(kind, batch, grid)
-        ours = _run(sparse, x, lambda t: SparseTensor.from_patch_mask(t, mask, P))
-        ref = _run(sparse, x, lambda t: MaskedDenseTensor.from_patch_mask(t, mask, P))
+        ours = _run(sparse, x, lambda t: patch_input(t, mask, P))
+        ref = _run(sparse, x, lambda t: patch_input(t, mask, P, dense_reference=True))
         _assert_same(ours, ref, f"{kind} mask: sparse vs masked-dense", 1e-10)
     full = torch.ones(batch, *grid, dtype=torch.bool)
-    ours = _run(sparse, x, lambda t: SparseTensor.from_patch_mask(t, full, P))
+    ours = _run(sparse, x, lambda t: patch_input(t, full, P))
     theirs = _run(dense, x, lambda t: t)
     _assert_same(ours, theirs, "all visible: sparse vs dense", 1e-10)
     return sparse
@@ -118,7 +118,7 @@ def test_split_along_channels(how):
 
 
 def test_channel_slices_keep_the_sites_and_views():
-    x = SparseTensor.from_patch_mask(torch.randn(1, 6, 16, 16), patch_mask("random", 1, (2, 2)), P)
+    x = patch_input(torch.randn(1, 6, 16, 16), patch_mask("random", 1, (2, 2)), P)
     a, b = x.split(4, 1)
     assert (a.num_channels, b.num_channels) == (4, 2) and a.stride == x.stride and a.manager is x.manager
     assert a.features.data_ptr() == x.features.data_ptr()  # a view of the rows, no copy
@@ -291,7 +291,7 @@ def test_gamma_activation():
 
 # -- what stays refused, with the reason ------------------------------------------------------------------
 def _sparse_input(channels=8):
-    return SparseTensor.from_patch_mask(torch.randn(2, channels, 16, 16), patch_mask("random", 2, (2, 2)), P)
+    return patch_input(torch.randn(2, channels, 16, 16), patch_mask("random", 2, (2, 2)), P)
 
 
 @pytest.mark.parametrize("op, message", [

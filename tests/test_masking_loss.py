@@ -95,7 +95,7 @@ def test_unpatchify_inverts_patchify():
 
 
 def _direct_loss(pred, images, active):
-    """The spec's loss written out patch by patch."""
+    """SparK's loss written out patch by patch."""
     total, count = 0.0, 0
     b, _, h, w = images.shape
     for n in range(b):

@@ -185,7 +185,7 @@ def _me_input(x: torch.Tensor, active: torch.Tensor):
     return ME.SparseTensor(feats, coordinates=coords)  # unique coordinates: ME keeps every row
 
 
-def _reference_conv(x, weight, stride, groups=1):
+def _dense_conv(x, weight, stride, groups=1):
     """F.conv2d with MinkowskiEngine's window: odd kernels centred, even kernels at offsets 0..k-1."""
     kh, kw = weight.shape[-2:]
     pads = []
@@ -217,7 +217,7 @@ def test_dense_kernel_in_me_layout_runs_through_minkowski_convolution_like_conv2
         conv.kernel.copy_(dense_kernel_to_me(weight, stride=stride))
         conv.bias.copy_(dense_bias_to_me(bias))
     out = conv(_me_input(x, active))
-    _check_at_active_sites(out, _reference_conv(x, weight, stride) + bias.view(1, -1, 1, 1), stride, active)
+    _check_at_active_sites(out, _dense_conv(x, weight, stride) + bias.view(1, -1, 1, 1), stride, active)
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -232,7 +232,7 @@ def test_1x1_kernels_load_into_minkowski_at_stride_1_and_strided(stride):
     with torch.no_grad():
         conv.kernel.copy_(kernel)
     out = conv(_me_input(x * active[:, None], active))
-    _check_at_active_sites(out, _reference_conv(x * active[:, None], weight, stride), stride, active)
+    _check_at_active_sites(out, _dense_conv(x * active[:, None], weight, stride), stride, active)
 
 
 @pytest.mark.parametrize("kernel, stride", [((7, 7), 1), ((3, 3), 2), ((3, 2), 1)])
@@ -247,7 +247,7 @@ def test_depthwise_kernel_in_me_layout_runs_through_channelwise_convolution(kern
     with torch.no_grad():
         conv.kernel.copy_(dense_kernel_to_me(weight, depthwise=True))
     out = conv(_me_input(x, active))
-    _check_at_active_sites(out, _reference_conv(x, weight, stride, groups=c), stride, active)
+    _check_at_active_sites(out, _dense_conv(x, weight, stride, groups=c), stride, active)
 
 
 def test_bench_has_a_minkowski_column_timed_beside_ours(tmp_path):

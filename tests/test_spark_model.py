@@ -10,8 +10,7 @@ import torch
 import torch.nn as nn
 
 from backbones import create_backbone
-from sparse_mim.engine import (MaskedDenseTensor, SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseReLU,
-                               SparseTensor, check_image_size)
+from sparse_mim.engine import SparseBatchNorm2d, SparseConv2d, SparseLayerNorm, SparseReLU, patch_input
 from sparse_mim.spark import (LightDecoder, SparK, SparKOutput, build_spark, no_weight_decay_names, param_groups,
                               patchify, random_patch_mask)
 from sparse_mim.spark.loss import normalize_patches
@@ -39,9 +38,7 @@ class TinyEncoder(nn.Module):
             cin = c
 
     def forward(self, images, active, dense_reference=False):
-        check_image_size(images, 32)
-        kind = MaskedDenseTensor if dense_reference else SparseTensor
-        x = self.stem(kind.from_patch_mask(images, active, 32))
+        x = self.stem(patch_input(images, active, 32, dense_reference=dense_reference))
         outs = []
         for stage in self.stages:
             x = stage(x)

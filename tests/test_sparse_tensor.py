@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from sparse_mim import SparseInputError, SparseTensor
-from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, execution
+from sparse_mim import MaskedDenseTensor, SparseInputError, SparseTensor
+from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, execution, patch_input
 
 from conftest import patch_mask
 
@@ -28,7 +28,7 @@ def test_dense_uses_full_shape_not_coordinate_extent():
 def test_patch_layout_is_tile_major_and_zero_copy_tiles():
     mask = patch_mask("random", 2, (2, 3))
     images = torch.randn(2, 3, 64, 96)
-    sp = SparseTensor.from_patch_mask(images, mask)
+    sp = patch_input(images, mask)
     tiles = sp.tiles()
     assert tiles.data_ptr() == sp.features.data_ptr()
     first = sp.manager.tiles[0]
@@ -47,7 +47,7 @@ def test_coordinates_are_on_own_stride_grid():
 
 def test_kernel_maps_are_built_once_per_batch():
     mask = patch_mask("random", 2, (2, 3))
-    sp = SparseTensor.from_patch_mask(torch.randn(2, 3, 64, 96), mask)
+    sp = patch_input(torch.randn(2, 3, 64, 96), mask)
     conv_a, conv_b = SparseConv2d(3, 3, 3, 1, 1), SparseConv2d(3, 3, 3, 1, 1)
     conv_b(conv_a(sp))
     gather_keys = [k for k in sp.manager._cache if isinstance(k, tuple) and k[0] == "tile_gather"]
@@ -57,18 +57,33 @@ def test_kernel_maps_are_built_once_per_batch():
 @pytest.mark.parametrize("size", [(60, 64), (64, 100)])
 def test_image_size_not_multiple_of_patch_is_an_error(size):
     with pytest.raises(SparseInputError, match="not a multiple of the patch size 32"):
-        SparseTensor.from_patch_mask(torch.randn(1, 3, *size), torch.ones(1, 2, 2, dtype=torch.bool))
+        patch_input(torch.randn(1, 3, *size), torch.ones(1, 2, 2, dtype=torch.bool))
 
 
 def test_all_patches_masked_is_an_error():
     sp_mask = torch.zeros(1, 2, 2, dtype=torch.bool)
+    with pytest.raises(SparseInputError, match=r"every patch of image\(s\) \[0\] is masked"):
+        patch_input(torch.randn(1, 3, 64, 64), sp_mask)
     with pytest.raises(SparseInputError, match="every patch is masked"):
-        SparseTensor.from_patch_mask(torch.randn(1, 3, 64, 64), sp_mask)
+        PatchCoordinateManager(sp_mask, 32).tiles
+
+
+def test_a_patch_mask_that_is_not_bool_is_an_error():
+    with pytest.raises(SparseInputError, match="patch mask must be bool"):
+        patch_input(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2))
+
+
+def test_the_masked_dense_reference_input_is_the_sparse_input_made_dense():
+    mask = patch_mask("random", 2, (2, 3))
+    images = torch.randn(2, 3, 64, 96)
+    reference = patch_input(images, mask, dense_reference=True)
+    assert isinstance(reference, MaskedDenseTensor)
+    assert torch.equal(reference.dense(), patch_input(images, mask).dense())
 
 
 def test_patch_mask_shape_mismatch_is_an_error():
     with pytest.raises(SparseInputError, match="patch mask shape"):
-        SparseTensor.from_patch_mask(torch.randn(1, 3, 64, 64), torch.ones(1, 3, 2, dtype=torch.bool))
+        patch_input(torch.randn(1, 3, 64, 64), torch.ones(1, 3, 2, dtype=torch.bool))
 
 
 def test_coordinates_out_of_range_are_an_error():
@@ -102,14 +117,14 @@ def test_float_coordinates_are_an_error():
 
 
 def test_conv_geometry_that_breaks_site_mapping_is_an_error():
-    sp = SparseTensor.from_patch_mask(torch.randn(1, 3, 32, 32), torch.ones(1, 1, 1, dtype=torch.bool))
+    sp = patch_input(torch.randn(1, 3, 32, 32), torch.ones(1, 1, 1, dtype=torch.bool))
     with pytest.raises(SparseInputError, match="sparse ops need"):
         SparseConv2d(3, 3, 3, 1, 0)(sp)  # no padding: 32x32 -> 30x30
 
 
 def test_bfloat16_autocast_runs():
     mask = patch_mask("random", 2, (2, 3))
-    sp = SparseTensor.from_patch_mask(torch.randn(2, 3, 64, 96), mask)
+    sp = patch_input(torch.randn(2, 3, 64, 96), mask)
     conv = SparseConv2d(3, 8, 3, 2, 1)
     for path in ("tiles", "gather", "canvas"):
         with execution(path), torch.autocast("cpu", dtype=torch.bfloat16):

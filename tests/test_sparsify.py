@@ -188,10 +188,9 @@ def test_unsupported_glue_fails_with_a_clear_error():
     model.feature_info = [dict(module="0", reduction=32, num_chs=8)]
     with pytest.raises(UnsupportedLayerError, match="stride 4"):
         sparsify(model)
-    from sparse_mim import SparseTensor
-    from sparse_mim.engine import sparsify_layers
+    from sparse_mim.engine import patch_input, sparsify_layers
     block = sparsify_layers(IndexingBlock())
-    x = SparseTensor.from_patch_mask(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool))
+    x = patch_input(torch.randn(1, 3, 64, 64), torch.ones(1, 2, 2, dtype=torch.bool))
     with pytest.raises(UnsupportedOperationError, match="indexing a sparse tensor"):
         block(x)
     with pytest.raises(UnsupportedOperationError, match=r"Tensor(Base)?\.flatten is not supported on sparse tensors"):

@@ -65,7 +65,7 @@ def test_a_late_registered_module_used_mid_network_is_kept_and_only_the_head_dro
     assert sparse.feature_modules == FEATURES
 
 
-def test_a_late_registered_layer_without_a_twin_used_mid_network_is_refused_not_dropped():
+def test_a_late_registered_layer_without_a_sparse_counterpart_used_mid_network_is_refused_not_dropped():
     model = LateActNet()
     model.norm = nn.InstanceNorm2d(24)
     with pytest.raises(UnsupportedLayerError, match=r"norm \(torch.nn.modules.instancenorm.InstanceNorm2d\)"):
@@ -157,7 +157,7 @@ def test_every_unsupported_glue_op_is_named_with_its_module_at_sparsify_time():
     assert "sparse_mim.engine.functions" in lines[-1]
 
 
-def test_a_twin_that_computes_something_else_is_refused_naming_the_map_and_module(monkeypatch):
+def test_a_sparse_layer_that_computes_something_else_is_refused_naming_the_map_and_module(monkeypatch):
     from sparse_mim.engine import nn as snn
     right = snn.SparseGroupNorm.forward
     monkeypatch.setattr(snn.SparseGroupNorm, "forward", lambda self, x: right(self, x) * 1.01)

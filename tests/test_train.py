@@ -320,8 +320,8 @@ RESUME_ARGS = ("train.epochs=5", "train.deterministic=true")  # 10 steps, checkp
 
 
 @pytest.fixture(scope="module")
-def reference_losses(images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
+def uninterrupted_losses(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
     proc = run(pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}"))
     assert proc.returncode == 0, proc.stderr
     rows = metrics(out)
@@ -342,7 +342,7 @@ def _start_and_stop_after(cmd, out, step, send):
     return proc.returncode, stdout + stderr
 
 
-def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(images, tmp_path, reference_losses):
+def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(images, tmp_path, uninterrupted_losses):
     out = tmp_path / "run"
     cmd = pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}")
     code, log = _start_and_stop_after(cmd, out, 3, lambda p: p.kill())  # epoch 2 is running
@@ -355,11 +355,11 @@ def test_killed_run_resumes_from_its_last_checkpoint_with_identical_losses(image
     assert f"resuming from {out / 'checkpoint.pth'} at step {saved}" in proc.stdout + proc.stderr
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(1, 11))
-    assert [r["loss"] for r in rows] == reference_losses
+    assert [r["loss"] for r in rows] == uninterrupted_losses
 
 
 def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_rerun_continues_exactly(
-        images, tmp_path, reference_losses):
+        images, tmp_path, uninterrupted_losses):
     out = tmp_path / "run"
     cmd = pretrain_cmd(*TINY, *RESUME_ARGS, f"data.path={images}", f"output_dir={out}")
     code, log = _start_and_stop_after(cmd, out, 3, lambda p: p.send_signal(signal.SIGTERM))
@@ -369,7 +369,7 @@ def test_sigterm_saves_a_checkpoint_at_the_current_step_and_the_rerun_continues_
 
     proc = run(cmd)
     assert proc.returncode == 0, proc.stderr
-    assert [r["loss"] for r in metrics(out)] == reference_losses
+    assert [r["loss"] for r in metrics(out)] == uninterrupted_losses
 
 
 # -- the command --------------------------------------------------------------------------------

@@ -217,7 +217,7 @@ class Check:
     masked_error: float = float("nan")        # forward vs the masked-dense reference
     masked_grad_error: float = float("nan")   # input and weight gradients vs the masked-dense reference
     glue: List[str] = field(default_factory=list)     # torch functions run on sparse tensors
-    layers: List[str] = field(default_factory=list)   # the engine's layer twins in the encoder
+    layers: List[str] = field(default_factory=list)   # the engine's sparse layers in the encoder
     features: List[str] = field(default_factory=list)  # the modules whose outputs are the 4 maps
     seconds: float = 0.0
     speedup: float = float("nan")          # masked-dense time / sparse time, encoder fwd+bwd (median)

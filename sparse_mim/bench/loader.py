@@ -7,8 +7,8 @@ baseline is plain torchvision doing the same augmentation:
 ``ImageFolder`` + ``RandomResizedCrop`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize``
 with the default PIL loader and a plain shuffled ``DataLoader``. Both run in one process,
 interleaved per worker count, and the order rotates between repeats (each loader first, then second,
-...): a loader that runs after another was measured up to 10% faster on a quiet machine, so a fixed
-order would favour one side. Each timing skips the first batch (worker start-up); the table reports
+...): a loader that runs right after another one runs measurably faster even on a quiet machine, so
+a fixed order would favour one side. Each timing skips the first batch (worker start-up); the table reports
 the median over repeats (use a multiple of 3).
 """
 from __future__ import annotations

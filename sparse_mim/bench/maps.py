@@ -21,7 +21,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from sparse_mim.engine import PatchCoordinateManager, SparseTensor
+from sparse_mim.engine import PatchCoordinateManager, patch_input
 
 from .timing import synchronizer
 from .workload import Workload
@@ -65,7 +65,7 @@ def _one(workload: Workload, sync: Callable[[], None], generator: torch.Generato
     manager = ClockedPatchManager(active, encoder.downsample_ratio, sync)
     sync()
     setup = time.perf_counter() - start
-    x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
+    x = patch_input(images, manager=manager)
     with torch.no_grad(), workload.context():
         encoder.forward_features(x)
     return setup + manager.build_seconds
@@ -90,7 +90,7 @@ def _one_minkowski(workload: Workload, sync: Callable[[], None], generator: torc
     start = time.perf_counter()
     active = spec.random_mask(generator, device)
     manager = PatchCoordinateManager(active, encoder.downsample_ratio)
-    x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
+    x = patch_input(images, manager=manager)
     passes = []
     with torch.no_grad(), workload.context(), use_backend("minkowski"):
         for _ in range(2):

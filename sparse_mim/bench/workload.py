@@ -1,4 +1,4 @@
-"""What is measured: the sparse SparK model and its masked-dense twin on the same weights and inputs.
+"""What is measured: the sparse SparK model and its masked-dense reference on the same weights and inputs.
 
 ``Workload`` holds both variants of one configuration (model x mask ratio):
 

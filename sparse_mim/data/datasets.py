@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-__all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "build_dataset", "check_readable",
-           "find_images", "first_readable", "sample_seed", "unreadable_error", "unreadable_reason"]
+__all__ = ["IMAGE_EXTENSIONS", "DataError", "AugmentedImages", "ImageFolder", "check_readable", "find_images",
+           "first_readable", "sample_seed", "unreadable_error", "unreadable_reason"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 #: How many consecutive unreadable files one item may skip before the dataset gives up.
@@ -158,23 +158,3 @@ class ImageFolder(AugmentedImages):
 
     def describe(self) -> str:
         return f"{len(self.files)} images under {self.root}"
-
-
-def build_dataset(path: Optional[str], transform: Callable, seed: int = 0, decode: str = "pil"):
-    """``ImageFolder(path)``, or the built-in demo images when ``path`` is None; decoded with PIL
-    (``decode="pil"``) or through ``tensor_decode`` (``"tensor"``: in the workers, ``"gpu"``: when the
-    batch moves to the GPU)."""
-    if path is None:
-        from .demo import DemoImages
-
-        images = DemoImages(transform, seed)
-    else:
-        images = ImageFolder(path, transform, seed)
-    if decode == "pil":
-        return images
-    from .tensor_decode import DECODERS, EncodedImages, TensorDecodedImages
-
-    if decode not in DECODERS:
-        raise ValueError(f"data.decode must be one of {', '.join(DECODERS)}, got {decode!r}")
-    return (TensorDecodedImages if decode == "tensor" else EncodedImages)(images, transform)
-

@@ -4,9 +4,8 @@ as tensor ops (antialiased bicubic ``resized_crop``), in the loader workers or o
 A worker reads the file's bytes and draws the crop box and flip from the image's seed (the same draws,
 from the same seed, as ``PretrainTransform``). Then:
 
-- ``tensor``: the worker decodes (libjpeg-turbo) and augments on its CPU: measured ~2x the PIL path per
-  224-px image (benchmarks/RESULTS.md, "Input pipeline"), because torch's uint8 bicubic resize is
-  faster than PIL's;
+- ``tensor``: the worker decodes (libjpeg-turbo) and augments on its CPU: faster than the PIL path
+  (benchmarks/RESULTS.md, "Input pipeline"), because torch's uint8 bicubic resize is faster than PIL's;
 - ``gpu``: the worker hands over the bytes; ``EncodedBatch.to(device)`` decodes the batch with nvJPEG
   (one batched ``decode_jpeg`` call) and crops, resizes, flips and normalises on the GPU, for
   machines whose CPUs cannot feed their GPUs.
@@ -15,12 +14,11 @@ Files that are not whole baseline JPEGs (PNG, CMYK JPEGs, files cut short, the i
 are decoded with PIL in the worker and take the same tensor path from there; PIL refuses a cut file,
 so it is skipped and reported like any unreadable one.
 
-The crops are close to PIL's but not bit-equal: on the CPU the tensor path is within 2 grey levels
-of the PIL pipeline (mean 0.003 levels over 20 crops of 224 px), and nvJPEG may differ from
-libjpeg-turbo by a level or two more; a run therefore changes slightly when it switches decoders.
-For one decoder and device the result depends only on the seed, like the PIL path.
-TorchCodec's ``decode_jpeg`` replaces ``torchvision.io.decode_jpeg`` (deprecated since torchvision
-0.29): the same libjpeg-turbo / nvJPEG decoding, bit-identical on the CPU (150 Imagenette JPEGs).
+The crops are close to PIL's but not bit-equal (on the CPU within 2 grey levels, see
+benchmarks/RESULTS.md, "Input pipeline"), and nvJPEG may differ from libjpeg-turbo by a level or two
+more; a run therefore changes slightly when it switches decoders. For one decoder and device the
+result depends only on the seed, like the PIL path. JPEGs are decoded by TorchCodec's ``decode_jpeg``
+(``torchvision.io.decode_jpeg`` is deprecated): libjpeg-turbo on the CPU, nvJPEG on the GPU.
 """
 from __future__ import annotations
 

@@ -33,8 +33,9 @@ def normalize_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def normalized_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> ImageNet-normalised (3, H, W) float32, as ``normalize(to_tensor(image))``:
-    about 3x cheaper (0.3 vs 0.9 ms for a 224-px image, a fifth of the whole item's time saved)."""
+    """RGB PIL image -> ImageNet-normalised (3, H, W) float32, as ``normalize(to_tensor(image))`` but
+    cheaper (fewer passes over the pixels, see ``normalize_uint8``), which counts in the input
+    pipeline's time per item."""
     hwc = torch.from_numpy(np.array(image, dtype=np.uint8))  # a copy: PIL's own buffer is read-only
     return normalize_uint8(hwc.permute(2, 0, 1))
 

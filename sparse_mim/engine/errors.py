@@ -5,7 +5,7 @@ __all__ = ["UnsupportedLayerError", "UnsupportedOperationError", "SparsifyMismat
 
 
 class UnsupportedLayerError(TypeError):
-    """A model holds layers with no sparse twin; raised by ``sparsify`` before any computation.
+    """A model holds layers with no sparse counterpart; raised by ``sparsify`` before any computation.
 
     ``layers`` is the list of ``(module path, type name)`` that were refused.
     """

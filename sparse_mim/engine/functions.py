@@ -1,6 +1,6 @@
 """``__torch_function__`` for the engine's tensors: the glue code of an ordinary model's ``forward``.
 
-A sparsified model keeps its own ``forward``; the layers are the engine's twins, and what lies
+A sparsified model keeps its own ``forward``; the layers are the engine's sparse counterparts, and what lies
 between them runs here. Supported (everything else is an ``UnsupportedOperationError`` naming the
 function, never a silent dense computation):
 
@@ -25,7 +25,7 @@ function, never a silent dense computation):
   ``keepdim=True`` (CBAM's spatial gate); masked sites stay zero in the reference.
 * ``F.interpolate`` / ``nn.Upsample``, nearest with one integer factor: each site of the finer stride
   takes its parent's value, on the manager's active set of that stride (HRNet, GhostNet V2).
-* ``F.avg_pool2d`` / ``F.max_pool2d`` called functionally: the pooling twins' semantics.
+* ``F.avg_pool2d`` / ``F.max_pool2d`` called functionally: the sparse pooling layers' semantics.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _is_inplace(func) -> bool:
 def _sites_of(args) -> list:
     """Every SiteTensor in ``args`` (nested lists / tuples), in order. Iterative on purpose: a recursive
     closure is a reference cycle (function <-> cell) that would keep the found tensors, whole feature
-    maps, alive until Python's cycle collector runs (measured: 130-200 MB on a ResNet-50 forward)."""
+    maps, alive until Python's cycle collector runs (docs/notes.md, "Where masked-dense memory went")."""
     found, stack = [], [args]
     while stack:
         a = stack.pop()
@@ -534,7 +534,7 @@ def _interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=
 
 def _avg_pool2d(x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
                 divisor_override=None):
-    """``F.avg_pool2d`` called in a forward (GhostNet V2's gate): the ``nn.AvgPool2d`` twin's semantics."""
+    """``F.avg_pool2d`` called in a forward (GhostNet V2's gate), as ``nn.AvgPool2d``'s sparse counterpart."""
     return _pool_layer(x, "avg_pool2d", torch.nn.AvgPool2d(kernel_size, stride, padding, ceil_mode,
                                                             count_include_pad, divisor_override))
 
@@ -545,11 +545,11 @@ def _max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=Fa
 
 
 def _pool_layer(x, name: str, layer: torch.nn.Module):
-    from .sparsify import TWINS, _refusal
+    from .sparsify import SPARSE_COUNTERPARTS, _refusal
     why = _refusal(layer)
     if why is not None:
         raise UnsupportedOperationError(f"torch.nn.functional.{name} with {why}")
-    return TWINS[type(layer)](layer)(x)
+    return SPARSE_COUNTERPARTS[type(layer)](layer)(x)
 
 
 _HANDLERS: Dict[Any, Callable] = {
@@ -598,6 +598,6 @@ def _unsupported(func, args, kwargs):
     if func is torch.Tensor.__bool__ or func is torch.Tensor.__len__:
         raise UnsupportedOperationError(f"{_name(func)} of a sparse tensor has no meaning")
     raise UnsupportedOperationError(
-        f"{_name(func)} is not supported on sparse tensors (the engine runs the model's layers as sparse twins "
+        f"{_name(func)} is not supported on sparse tensors (the engine runs the model's layers as sparse counterparts "
         "and only the glue ops listed in sparse_mim.engine.functions between them); "
         "replace the code that calls it with a supported layer, or keep it out of the sparsified part")

@@ -1,9 +1,9 @@
 """Sparse modules that mirror ``torch.nn`` one to one.
 
-Each module subclasses its dense twin, so parameter names, shapes and initialisation are identical
+Each module subclasses its dense layer, so parameter names, shapes and initialisation are identical
 and a sparse model's ``state_dict`` loads into the dense model unchanged. ``forward`` accepts a
 ``SparseTensor`` (real sparse execution), a ``MaskedDenseTensor`` (SparK's masked-dense reference) or
-a plain dense tensor (the dense twin's behaviour).
+a plain dense tensor (the dense layer's behaviour).
 """
 from __future__ import annotations
 
@@ -27,16 +27,16 @@ __all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLi
 
 
 def _check_layout(module: nn.Module, x: SiteTensor) -> None:
-    """``module.layout`` (when set) is the logical layout its dense twin reads: a channels-last
+    """``module.layout`` (when set) is the logical layout its dense layer reads: a channels-last
     Linear fed an NCHW map would mix the width axis in dense PyTorch, so it is refused here."""
     if x.channel_groups is not None:
         raise UnsupportedOperationError(
-            f"{type(module).__name__} got a channel-grouped {tuple(x.shape)} tensor (its dense twin reads 4-d "
+            f"{type(module).__name__} got a channel-grouped {tuple(x.shape)} tensor (its dense layer reads 4-d "
             "maps); reshape it back to (B, C, H, W) first, as the dense model must")
     want = module.layout
     if want is not None and x.layout != want:
         raise UnsupportedOperationError(
-            f"{type(module).__name__} expects a {want.upper()} input (as its dense twin reads it), got "
+            f"{type(module).__name__} expects a {want.upper()} input (as its dense layer reads it), got "
             f"{x.layout.upper()}; permute the tensor as the dense model does")
 
 
@@ -97,7 +97,7 @@ class SparseScaledStdConv2d(SparseConv2d):
 class SparseLinear(nn.Linear):
     """Per-site ``nn.Linear`` (channels-last MLPs)."""
 
-    layout = None  # sparsify sets "nhwc": the dense twin reads channels last
+    layout = None  # sparsify sets "nhwc": the dense layer reads channels last
 
     def forward(self, x):
         if isinstance(x, SiteTensor):
@@ -158,7 +158,7 @@ class SparseGroupNorm(_NormAct, nn.GroupNorm):
 class SparseLayerNorm(nn.LayerNorm):
     """LayerNorm over channels at active sites. ``channels_first`` only records the dense layout."""
 
-    layout = None  # sparsify sets the layout the dense twin reads ("nchw" for LayerNorm2d)
+    layout = None  # sparsify sets the layout the dense layer reads ("nchw" for LayerNorm2d)
 
     def __init__(self, normalized_shape, eps: float = 1e-6, channels_first: bool = False, **kwargs):
         super().__init__(normalized_shape, eps=eps, **kwargs)

@@ -1,8 +1,8 @@
-"""Swap a dense CNN's layers for the engine's sparse twins, in place, keeping every parameter.
+"""Swap a dense CNN's layers for the engine's sparse counterparts, in place, keeping every parameter.
 
 ``sparsify_layers(model)`` first checks the whole model and raises ``UnsupportedLayerError`` listing
 every layer it cannot run sparsely (path and type), before anything is changed or computed. Then
-each supported layer is replaced by its twin from ``engine.nn``, which takes over the *same*
+each supported layer is replaced by its sparse counterpart from ``engine.nn``, which takes over the *same*
 ``Parameter`` and buffer objects, so names, shapes, values (and any optimizer holding them) are
 unchanged and the state_dict is identical. Layers are matched by exact type: a subclass may
 compute something else in its own ``forward``.
@@ -59,7 +59,7 @@ def _is_engine_module(m: nn.Module) -> bool:
         type(m).__module__.startswith("backbones.")
 
 
-# -- twins ----------------------------------------------------------------------------------------------
+# -- sparse counterparts ---------------------------------------------------------------------------
 def _same_padding(k: int, s: int, d: int) -> Tuple[int, int]:
     """TF 'SAME' padding (lo, hi) of timm's ``*Same`` layers for inputs that are multiples of the stride."""
     total = max(d * (k - 1) + 1 - s, 0)
@@ -76,38 +76,38 @@ def _pair(v) -> Tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _adopt(twin: nn.Module, dense: nn.Module) -> nn.Module:
-    """Give ``twin`` the very parameters, buffers and children of ``dense`` (same objects, same order)."""
+def _adopt(sparse: nn.Module, dense: nn.Module) -> nn.Module:
+    """Give ``sparse`` the very parameters, buffers and children of ``dense`` (same objects, same order)."""
     for name, p in dense._parameters.items():
-        twin._parameters[name] = p
+        sparse._parameters[name] = p
     for name, b in dense._buffers.items():
-        twin._buffers[name] = b
+        sparse._buffers[name] = b
         if name in dense._non_persistent_buffers_set:
-            twin._non_persistent_buffers_set.add(name)
+            sparse._non_persistent_buffers_set.add(name)
     for name, child in dense._modules.items():
-        twin._modules[name] = child
-    twin.train(dense.training)
-    left = [n for n, t in list(twin.named_parameters()) + list(twin.named_buffers()) if t.is_meta]
+        sparse._modules[name] = child
+    sparse.train(dense.training)
+    left = [n for n, t in list(sparse.named_parameters()) + list(sparse.named_buffers()) if t.is_meta]
     if left and not any(t.is_meta for t in dense.parameters()):
-        raise RuntimeError(f"{type(twin).__name__} kept uninitialised tensors {left} from {type(dense).__name__}")
-    return twin
+        raise RuntimeError(f"{type(sparse).__name__} kept uninitialised tensors {left} from {type(dense).__name__}")
+    return sparse
 
 
 def _build(cls, dense: nn.Module, *args, **kwargs) -> nn.Module:
     with torch.device("meta"):  # no memory or init time for weights that are replaced at once
-        twin = cls(*args, **kwargs)
-    return _adopt(twin, dense)
+        sparse = cls(*args, **kwargs)
+    return _adopt(sparse, dense)
 
 
 def _conv(cls, geometry=None, extra=lambda m: {}):
     def make(m: nn.Conv2d) -> nn.Module:
-        twin = _build(cls, m, m.in_channels, m.out_channels, m.kernel_size, m.stride,
-                      0 if geometry else m.padding, m.dilation, m.groups, m.bias is not None, **extra(m))
+        sparse = _build(cls, m, m.in_channels, m.out_channels, m.kernel_size, m.stride,
+                        0 if geometry else m.padding, m.dilation, m.groups, m.bias is not None, **extra(m))
         if geometry:
-            twin.geometry = geometry(m)
+            sparse.geometry = geometry(m)
         if hasattr(m, "scale"):
-            twin.scale = m.scale
-        return twin
+            sparse.scale = m.scale
+        return sparse
     return make
 
 
@@ -125,23 +125,23 @@ def _group_norm(m):
 
 def _layer_norm(layout: str):
     def make(m: nn.LayerNorm) -> nn.Module:
-        twin = _build(snn.SparseLayerNorm, m, m.normalized_shape, eps=m.eps, channels_first=layout == "nchw",
-                      elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
-        twin.layout = layout
-        return twin
+        sparse = _build(snn.SparseLayerNorm, m, m.normalized_shape, eps=m.eps, channels_first=layout == "nchw",
+                        elementwise_affine=m.elementwise_affine, bias=m.bias is not None)
+        sparse.layout = layout
+        return sparse
     return make
 
 
 def _grn(m):
-    twin = _build(snn.SparseGRN, m, m.weight.shape[0], m.eps)
-    twin.layout = "nhwc" if getattr(m, "channel_dim", -1) == -1 else "nchw"
-    return twin
+    sparse = _build(snn.SparseGRN, m, m.weight.shape[0], m.eps)
+    sparse.layout = "nhwc" if getattr(m, "channel_dim", -1) == -1 else "nchw"
+    return sparse
 
 
 def _linear(m: nn.Linear):
-    twin = _build(snn.SparseLinear, m, m.in_features, m.out_features, m.bias is not None)
-    twin.layout = "nhwc"
-    return twin
+    sparse = _build(snn.SparseLinear, m, m.in_features, m.out_features, m.bias is not None)
+    sparse.layout = "nhwc"
+    return sparse
 
 
 def _ceil_geometry(m) -> Optional[WindowGeometry]:
@@ -166,18 +166,18 @@ def _ceil_geometry(m) -> Optional[WindowGeometry]:
 def _max_pool(m, geometry=None):
     if geometry is None and m.ceil_mode:
         geometry = _ceil_geometry(m)
-    twin = snn.SparseMaxPool2d(m.kernel_size, m.stride, 0 if geometry else m.padding, m.dilation)
-    twin.ceil_mode = m.ceil_mode  # the dense forward (plain tensors) stays the dense layer's
+    sparse = snn.SparseMaxPool2d(m.kernel_size, m.stride, 0 if geometry else m.padding, m.dilation)
+    sparse.ceil_mode = m.ceil_mode  # the dense forward (plain tensors) stays the dense layer's
     if geometry is not None:
-        twin.geometry = geometry
-    return _adopt(twin, m)
+        sparse.geometry = geometry
+    return _adopt(sparse, m)
 
 
 def _avg_pool(m):
-    twin = snn.SparseAvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad, m.ceil_mode)
+    sparse = snn.SparseAvgPool2d(m.kernel_size, m.stride, m.padding, m.count_include_pad, m.ceil_mode)
     if m.ceil_mode:
-        twin.geometry = _ceil_geometry(m)
-    return _adopt(twin, m)
+        sparse.geometry = _ceil_geometry(m)
+    return _adopt(sparse, m)
 
 
 def _drop_path(attr: str):
@@ -192,55 +192,55 @@ _TIMM_CONV_SAME, _TIMM_STD, _TIMM_STD_SAME = _timm("Conv2dSame"), _timm("StdConv
 _TIMM_SSTD, _TIMM_SSTD_SAME = _timm("ScaledStdConv2d"), _timm("ScaledStdConv2dSame")
 _TIMM_BLUR = _timm("BlurPool2d")
 
-#: dense type -> builder of its sparse twin
-TWINS: Dict[type, Callable[[nn.Module], nn.Module]] = {nn.Conv2d: _conv(snn.SparseConv2d)}
+#: dense type -> builder of its sparse counterpart
+SPARSE_COUNTERPARTS: Dict[type, Callable[[nn.Module], nn.Module]] = {nn.Conv2d: _conv(snn.SparseConv2d)}
 for _t in _TIMM_CONV_SAME:
-    TWINS[_t] = _conv(snn.SparseConv2d, _same_geometry)
+    SPARSE_COUNTERPARTS[_t] = _conv(snn.SparseConv2d, _same_geometry)
 for _t in _TIMM_STD:
-    TWINS[_t] = _conv(snn.SparseStdConv2d, extra=_eps)
+    SPARSE_COUNTERPARTS[_t] = _conv(snn.SparseStdConv2d, extra=_eps)
 for _t in _TIMM_STD_SAME:
-    TWINS[_t] = _conv(snn.SparseStdConv2d, _same_geometry, extra=_eps)
+    SPARSE_COUNTERPARTS[_t] = _conv(snn.SparseStdConv2d, _same_geometry, extra=_eps)
 for _t in _TIMM_SSTD:
-    TWINS[_t] = _conv(snn.SparseScaledStdConv2d, extra=_eps)
+    SPARSE_COUNTERPARTS[_t] = _conv(snn.SparseScaledStdConv2d, extra=_eps)
 for _t in _TIMM_SSTD_SAME:
-    TWINS[_t] = _conv(snn.SparseScaledStdConv2d, _same_geometry, extra=_eps)
+    SPARSE_COUNTERPARTS[_t] = _conv(snn.SparseScaledStdConv2d, _same_geometry, extra=_eps)
 for _t in (nn.BatchNorm2d,) + _timm("BatchNormAct2d"):
-    TWINS[_t] = _batch_norm(snn.SparseBatchNorm2d)
+    SPARSE_COUNTERPARTS[_t] = _batch_norm(snn.SparseBatchNorm2d)
 for _t in (nn.SyncBatchNorm,) + _timm("SyncBatchNormAct"):
-    TWINS[_t] = _batch_norm(snn.SparseSyncBatchNorm)
+    SPARSE_COUNTERPARTS[_t] = _batch_norm(snn.SparseSyncBatchNorm)
 for _t in (nn.GroupNorm,) + _timm("GroupNormAct GroupNorm1Act GroupNorm GroupNorm1"):
-    TWINS[_t] = _group_norm
+    SPARSE_COUNTERPARTS[_t] = _group_norm
 for _t in (nn.LayerNorm,) + _timm("LayerNorm"):
-    TWINS[_t] = _layer_norm("nhwc")
+    SPARSE_COUNTERPARTS[_t] = _layer_norm("nhwc")
 for _t in _timm("LayerNorm2d") + _optional("torchvision.models.convnext", "LayerNorm2d"):
-    TWINS[_t] = _layer_norm("nchw")
+    SPARSE_COUNTERPARTS[_t] = _layer_norm("nchw")
 for _t in _optional("timm.layers.grn", "GlobalResponseNorm"):
-    TWINS[_t] = _grn
-TWINS[nn.Linear] = _linear
-TWINS[nn.MaxPool2d] = _max_pool
+    SPARSE_COUNTERPARTS[_t] = _grn
+SPARSE_COUNTERPARTS[nn.Linear] = _linear
+SPARSE_COUNTERPARTS[nn.MaxPool2d] = _max_pool
 for _t in _optional("timm.layers.pool2d_same", "MaxPool2dSame"):
-    TWINS[_t] = lambda m: _max_pool(m, _same_geometry(m))
-TWINS[nn.AvgPool2d] = _avg_pool
+    SPARSE_COUNTERPARTS[_t] = lambda m: _max_pool(m, _same_geometry(m))
+SPARSE_COUNTERPARTS[nn.AvgPool2d] = _avg_pool
 for _t in _timm("SpaceToDepth"):
-    TWINS[_t] = lambda m: _adopt(snn.SparseSpaceToDepth(m.bs), m)
+    SPARSE_COUNTERPARTS[_t] = lambda m: _adopt(snn.SparseSpaceToDepth(m.bs), m)
 for _t in _TIMM_BLUR:
-    TWINS[_t] = lambda m: _adopt(snn.SparseBlurPool2d(m.channels, m.filt_size, m.stride, m.pad_mode), m)
+    SPARSE_COUNTERPARTS[_t] = lambda m: _adopt(snn.SparseBlurPool2d(m.channels, m.filt_size, m.stride, m.pad_mode), m)
 for _t in _timm("DropPath"):
-    TWINS[_t] = _drop_path("drop_prob")
+    SPARSE_COUNTERPARTS[_t] = _drop_path("drop_prob")
 for _t in _optional("torchvision.ops", "StochasticDepth"):
-    TWINS[_t] = _drop_path("p")
+    SPARSE_COUNTERPARTS[_t] = _drop_path("p")
 _PADS = (nn.ConstantPad2d, nn.ZeroPad2d)
-_CONVS = tuple(t for t in TWINS if issubclass(t, nn.Conv2d))
+_CONVS = tuple(t for t in SPARSE_COUNTERPARTS if issubclass(t, nn.Conv2d))
 
 
 def supported_layer_types() -> List[str]:
-    """Names of the dense layer types ``sparsify`` swaps for twins (for docs and error messages)."""
-    return sorted({f"{t.__module__.split('.')[0]}.{t.__name__}" for t in TWINS})
+    """Names of the dense layer types ``sparsify`` swaps for sparse counterparts (for docs and error messages)."""
+    return sorted({f"{t.__module__.split('.')[0]}.{t.__name__}" for t in SPARSE_COUNTERPARTS})
 
 
 # -- the check ------------------------------------------------------------------------------------------
 def _refusal(m: nn.Module) -> Optional[str]:
-    """Why ``m`` (of a type with a twin) cannot be swapped, or None."""
+    """Why ``m`` (of a type with a sparse counterpart) cannot be swapped, or None."""
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros":
             return f"padding_mode={m.padding_mode!r} (only zero padding reads masked sites as zero)"
@@ -317,7 +317,7 @@ def unsupported_layers(model: nn.Module) -> List[Tuple[str, str, str]]:
     found = []
     for path, m, parent, name in _walk(model):
         t = type(m)
-        if t in TWINS:
+        if t in SPARSE_COUNTERPARTS:
             why = _refusal(m)
         elif isinstance(m, _PADS):
             why = _fusable_pad(m, _next_sibling(parent, name))
@@ -328,7 +328,7 @@ def unsupported_layers(model: nn.Module) -> List[Tuple[str, str, str]]:
         elif _kept(m) or _is_engine_module(m):
             why = None
         elif len(m._modules) == 0:
-            why = "no sparse twin for this layer type"
+            why = "no sparse counterpart for this layer type"
         else:
             why = None  # a container: its forward is glue, checked op by op at run time
         if why is not None:
@@ -338,7 +338,7 @@ def unsupported_layers(model: nn.Module) -> List[Tuple[str, str, str]]:
 
 def sparsify_layers(model: nn.Module) -> nn.Module:
     """Check ``model`` (raise ``UnsupportedLayerError`` listing every refused layer), then swap each
-    supported layer for its sparse twin in place. Returns ``model``."""
+    supported layer for its sparse counterpart in place. Returns ``model``."""
     refused = unsupported_layers(model)
     if refused:
         lines = "\n".join(f"  {p} ({t}): {why}" for p, t, why in refused)
@@ -351,7 +351,7 @@ def sparsify_layers(model: nn.Module) -> nn.Module:
         if isinstance(m, _PADS):
             _fold_pad(parent, name, m)
     for path, m, parent, name in list(_walk(model)):
-        make = TWINS.get(type(m))
+        make = SPARSE_COUNTERPARTS.get(type(m))
         if make is not None and parent._modules.get(name) is m:
             parent._modules[name] = make(m)
     return model
@@ -362,15 +362,15 @@ def _fold_pad(parent: nn.Sequential, name: str, pad: nn.Module) -> None:
     nxt = _next_sibling(parent, name)
     left, right, top, bottom = pad.padding
     if isinstance(nxt, nn.MaxPool2d):
-        twin = _max_pool(nxt)
-        g = twin.geometry
-        twin.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (top, left), (bottom, right))
-        twin.border = float(pad.value)
+        sparse = _max_pool(nxt)
+        g = sparse.geometry
+        sparse.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (top, left), (bottom, right))
+        sparse.border = float(pad.value)
     else:
-        twin = TWINS[type(nxt)](nxt)
-        g = twin.geometry
-        twin.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (g.pad_lo[0] + top, g.pad_lo[1] + left),
-                                       (g.pad_hi[0] + bottom, g.pad_hi[1] + right))
+        sparse = SPARSE_COUNTERPARTS[type(nxt)](nxt)
+        g = sparse.geometry
+        sparse.geometry = WindowGeometry(g.kernel, g.stride, g.dilation, (g.pad_lo[0] + top, g.pad_lo[1] + left),
+                                         (g.pad_hi[0] + bottom, g.pad_hi[1] + right))
     names = list(parent._modules)
-    parent._modules[names[names.index(name) + 1]] = twin
+    parent._modules[names[names.index(name) + 1]] = sparse
     parent._modules[name] = nn.Identity()

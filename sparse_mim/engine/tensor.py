@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import collect as _collect
 from . import recompute
 from .ops.gather import gather_rows
-from .coords import CoordinateManager, PatchCoordinateManager, SiteCoordinateManager, SparseInputError
+from .coords import CoordinateManager, SiteCoordinateManager, SparseInputError
 
 __all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor"]
 
@@ -189,18 +189,6 @@ class SparseTensor(SiteTensor):
         manager = SiteCoordinateManager.from_mask(active, stride)
         return cls(cls._gather_sites(x, manager, stride), manager=manager, stride=stride)
 
-    @classmethod
-    def from_patch_mask(cls, images: torch.Tensor, patch_mask: torch.Tensor,
-                        patch_size: int = 32) -> "SparseTensor":
-        """Visible patches of ``images`` (B, C, H, W), rows tile-major (the fast layout)."""
-        check_image_size(images, patch_size)
-        expected = (images.shape[0], images.shape[2] // patch_size, images.shape[3] // patch_size)
-        if tuple(patch_mask.shape) != expected:
-            raise SparseInputError(f"patch mask shape {tuple(patch_mask.shape)} does not match images "
-                                   f"{tuple(images.shape)} with patch size {patch_size}: expected {expected}")
-        manager = PatchCoordinateManager(patch_mask, patch_size)
-        return cls(manager.rows_from_image(images), manager=manager, stride=1)
-
     @staticmethod
     def _gather_sites(x: torch.Tensor, manager: CoordinateManager, stride: int) -> torch.Tensor:
         c = x.shape[1]
@@ -292,13 +280,6 @@ class MaskedDenseTensor(SiteTensor):
         self.dense_features = dense
         self.manager = manager
         self.stride = int(stride)
-
-    @classmethod
-    def from_patch_mask(cls, images: torch.Tensor, patch_mask: torch.Tensor,
-                        patch_size: int = 32) -> "MaskedDenseTensor":
-        check_image_size(images, patch_size)
-        manager = PatchCoordinateManager(patch_mask, patch_size)
-        return cls(images * manager.mask(1, images.dtype), manager, 1)
 
     @classmethod
     def from_dense(cls, x: torch.Tensor, active: torch.Tensor, stride: int = 1) -> "MaskedDenseTensor":

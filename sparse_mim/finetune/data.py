@@ -22,8 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import find_classes, make_dataset
 
-from sparse_mim.data import IMAGE_EXTENSIONS, DataError
-from sparse_mim.data.datasets import MAX_CONSECUTIVE_UNREADABLE, sample_seed, unreadable_error, unreadable_reason
+from sparse_mim.data import IMAGE_EXTENSIONS, DataError, first_readable
+from sparse_mim.data.datasets import sample_seed
 
 __all__ = ["LabelledImages", "find_splits", "label_subset", "build_transforms"]
 
@@ -84,7 +84,8 @@ def label_subset(labels: Sequence[int], fraction: float, seed: int) -> List[int]
 
 
 class LabelledImages(Dataset):
-    """``samples`` (path, label) through ``transform``; item ``i`` is ``(image, label, unreadable skipped)``."""
+    """``samples`` (path, label) through ``transform``; item ``i`` is ``(image, label, -1)``, or the next readable
+    image with its label and ``i`` when file ``i`` cannot be read (as the pretraining datasets do)."""
 
     def __init__(self, samples: Sequence[Tuple[str, int]], transform: Callable, seed: int = 0,
                  description: str = "images"):
@@ -118,19 +119,18 @@ class LabelledImages(Dataset):
         finally:
             random.setstate(state)
 
+    def name(self, index: int) -> str:
+        return str(self.samples[index][0])
+
+    def load(self, index: int) -> Tuple[Image.Image, int]:
+        """``(image, label)`` of sample ``index``."""
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            return image.convert("RGB"), label
+
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, int, int]:
-        n = len(self)
-        failures = []
-        for skipped in range(min(n, MAX_CONSECUTIVE_UNREADABLE)):
-            path, label = self.samples[(index + skipped) % n]
-            try:
-                with Image.open(path) as image:
-                    image = image.convert("RGB")
-            except Exception as e:  # noqa: BLE001 -- Pillow reports broken files with many exception types
-                failures.append(f"{path} ({unreadable_reason(e, path)})")
-                continue
-            return self._augment(image, index), label, skipped
-        raise unreadable_error(failures, n, index, self.describe())
+        (image, label), unreadable = first_readable(index, len(self), self.load, self.describe, self.name)
+        return self._augment(image, index), label, unreadable
 
 
 def build_transforms(data_cfg: dict, augment_cfg: dict) -> Tuple[Callable, Callable]:

@@ -23,7 +23,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 
-from sparse_mim.engine import PatchCoordinateManager, SparseInputError, SparseTensor
+from sparse_mim.engine import PatchCoordinateManager, SparseInputError, patch_input
 
 __all__ = ["graph_encoder", "StaticShapeEncoder", "GraphedSparK"]
 
@@ -42,8 +42,8 @@ class StaticShapeEncoder(nn.Module):
         self._densify = spark.densify if densify else None
 
     def forward(self, images: torch.Tensor, active: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-        manager = PatchCoordinateManager(active, self.encoder.downsample_ratio, self.visible_per_image)
-        x = SparseTensor(manager.rows_from_image(images), manager=manager, stride=1)
+        x = patch_input(images, manager=PatchCoordinateManager(active, self.encoder.downsample_ratio,
+                                                               self.visible_per_image))
         features = self.encoder.forward_features(x)
         if self._densify is not None:
             return tuple(self._densify(features, active))

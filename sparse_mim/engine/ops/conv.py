@@ -227,7 +227,7 @@ def _masked_dense(x: MaskedDenseTensor, weight, bias, geom, groups, out_stride) 
                                                   list(geom.pad_lo), list(geom.dilation), groups)
     else:
         out = dense_conv2d(x.dense_features, weight, bias, geom, groups)
-    # in place, as SparK's reference does: the convolution's backward does not read its output
+    # in place, as the official SparK does: the convolution's backward does not read its output
     return MaskedDenseTensor(out.mul_(x.manager.mask(out_stride, out.dtype)), x.manager, out_stride)
 
 

@@ -3,8 +3,8 @@
 BatchNorm statistics (batch mean / variance and the running estimates) are those of BatchNorm1d over
 the ``N_active x C`` rows; masked sites never enter them. A masked-dense map in channels_last memory
 *is* a set of rows (``B*H*W x C``, zero at masked sites), so both containers share one row kernel; the
-masked-dense one gathers the active rows first and writes its result back into zeros, as SparK's
-reference does (``x[active]`` -> BatchNorm1d), so it keeps only the active rows for backward.
+masked-dense one gathers the active rows first and writes its result back into zeros, as the official
+SparK does (``x[active]`` -> BatchNorm1d), so it keeps only the active rows for backward.
 LayerNorm normalises each active site's channels (the masked-dense reference also on gathered rows).
 """
 from __future__ import annotations

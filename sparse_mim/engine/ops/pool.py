@@ -2,8 +2,9 @@
 
 Sparse semantics (documented choice, the MinkowskiEngine one):
 * max pooling takes the max over the *active* sites of the window (a window must contain at least
-  one active site; with patch masks every window that covers its own output cell does). SparK's dense reference takes
-  masked zeros into the max; both agree after a ReLU (true for the ResNet stem), not in general.
+  one active site; with patch masks every window that covers its own output cell does). The official
+  SparK's masked-dense simulation takes masked zeros into the max; both agree after a ReLU (true for
+  the ResNet stem), not in general.
 * average pooling divides by the number of *active* sites of the window (padding and masked sites
   excluded). For windows that lie inside one patch (ResNet-D's 2x2/2 ``avg_down``) this equals the
   dense average. With ``count_include_pad=True`` (``nn.AvgPool2d``'s default, Res2Net, ResNeSt) it

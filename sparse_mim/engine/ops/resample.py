@@ -4,7 +4,7 @@
   ``nn.Upsample(mode="nearest")``). The output lives on the manager's own active set of the finer
   stride, so it lines up with (and adds to) the maps computed there. Every fine site has an active
   parent: with patch masks the fine set is the coarse one refined; for arbitrary sites a coarse site
-  is active when any site of its cell is. The masked-dense twin upsamples the masked map and masks it
+  is active when any site of its cell is. The masked-dense reference upsamples the masked map and masks it
   at the finer stride.
 * ``space_to_depth``: the ``b x b`` sites of each cell become ``b * b`` groups of channels of one
   coarser site, ordered ``(dy, dx, c)`` as timm's ``SpaceToDepth`` (TResNet's stem); inactive sites of
