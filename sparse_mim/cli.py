@@ -52,7 +52,7 @@ def _training_command(command: str, argv: Sequence[str], compose: Callable, load
     ``--help`` and config composition errors answer before ``load()`` imports the run (torch, timm):
     it returns ``(run, exceptions that are bad input)``."""
     from sparse_mim.configs import help_text
-    from sparse_mim.train.config import ConfigError
+    from sparse_mim.configs import ConfigError
 
     if any(a in ("-h", "--help") for a in argv):
         try:

@@ -12,13 +12,22 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Dict, List, Sequence, Type
+from typing import Any, Dict, List, Sequence, Type
 
 from omegaconf import DictConfig, OmegaConf
 
 from .config_schema import SCHEMAS, describe, field_of, message, register
 
-__all__ = ["config_dir", "compose", "help_text", "yaml_comments"]
+__all__ = ["ConfigError", "config_dir", "compose", "help_text", "to_plain", "yaml_comments"]
+
+
+class ConfigError(ValueError):
+    """The config cannot work; raised before any training starts."""
+
+
+def to_plain(cfg: DictConfig) -> Dict[str, Any]:
+    """``cfg`` as plain dicts and lists, interpolations resolved (what checkpoints and config.yaml record)."""
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def config_dir() -> Path:

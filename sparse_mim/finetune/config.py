@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from sparse_mim import config_rules as rules
 from sparse_mim.config_schema import setting_errors
 from sparse_mim.configs import compose
-from sparse_mim.train.config import ConfigError
+from sparse_mim.configs import ConfigError
 
 __all__ = ["MODES", "compose_finetune_config", "validate_finetune_config", "effective_warmup"]
 

@@ -30,7 +30,7 @@ from sparse_mim.runtime.run import RunResult, RunSpec, TrainingRun, prepare_outp
 from sparse_mim.runtime.run_control import seed_everything, set_determinism
 from sparse_mim.runtime.run_folder import RunFolder, check_output_dir
 from sparse_mim.runtime.step import OptimisationStep, autocast
-from sparse_mim.train.config import ConfigError, to_plain
+from sparse_mim.configs import ConfigError, to_plain
 
 from .config import effective_warmup, validate_finetune_config
 from .data import LabelledImages, build_transforms, find_splits, label_subset

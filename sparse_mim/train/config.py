@@ -7,29 +7,21 @@ from __future__ import annotations
 
 from typing import Any, Dict, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .. import config_rules as rules
 from ..config_schema import setting_errors
-from ..configs import compose, config_dir
+from ..configs import ConfigError, compose, config_dir, to_plain
 
 __all__ = ["CONFIG_DIR", "ConfigError", "compose_config", "validate_config", "to_plain", "resolve_grad_sync"]
 
 CONFIG_DIR = config_dir()
 
 
-class ConfigError(ValueError):
-    """The config cannot work; raised before any training starts."""
-
-
 def compose_config(overrides: Sequence[str] = (), config_name: str = "pretrain") -> DictConfig:
     """``configs/<config_name>.yaml`` with Hydra command-line ``overrides`` (``key=value``) applied."""
     presets = ", ".join(sorted(p.stem for p in (CONFIG_DIR / "preset").glob("*.yaml")))
     return compose(config_name, overrides, ConfigError, f"; presets: {presets}")
-
-
-def to_plain(cfg: DictConfig) -> Dict[str, Any]:
-    return OmegaConf.to_container(cfg, resolve=True)
 
 
 def resolve_grad_sync(train: Dict[str, Any]) -> str:
@@ -53,7 +45,6 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     from backbones import create_backbone, is_backbone
     from backbones.registry import UnknownBackboneError
 
-    from sparse_mim.runtime.distributed import GRAD_SYNCS
     from .methods import method_errors
 
     missing = rules.missing_settings(cfg, "data.path=/data/imagenet")
