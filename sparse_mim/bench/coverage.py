@@ -300,10 +300,11 @@ def _feature_paths(backbone) -> List[str]:
 
 
 def _dense_features(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> List[torch.Tensor]:
+    from backbones.dry_run import feature_map
     outs: Dict[str, torch.Tensor] = {}
     # a clone: the model may change the map in place afterwards (torchvision DenseNet's F.relu(inplace=True))
-    hooks = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: outs.__setitem__(p, o.clone()))
-             for p in paths]
+    hooks = [model.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: outs.__setitem__(p, feature_map(o).clone())) for p in paths]
     try:
         model(x)
     finally:

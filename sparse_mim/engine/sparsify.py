@@ -42,7 +42,8 @@ def _optional(path: str, names: str) -> Tuple[type, ...]:
 _KEPT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
 _KEPT_TYPES = (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv1d) + \
     _optional("torchvision.ops.misc", "Permute") + _optional("timm.models.nfnet", "GammaAct") + \
-    _optional("timm.layers.split_attn", "RadixSoftmax")  # the dense per-sample gate of split attention
+    _optional("timm.layers.split_attn", "RadixSoftmax") + \
+    _optional("timm.models.selecsls", "SelectSeq")  # picks from / concatenates a list of maps: glue
 _UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)  # kept: their F.interpolate runs in engine.functions
 _NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)  # nn.Softmax: over channels
 
