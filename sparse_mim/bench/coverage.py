@@ -123,7 +123,7 @@ ARCHS: List[Arch] = TIMM + TORCHVISION
 #: The quick subset the test suite checks on every run (one per family, small and fast).
 TESTED: Tuple[str, ...] = ("timm:resnest14d", "timm:mobilenetv3_small_050", "timm:regnetx_002", "timm:lcnet_050",
                            "timm:dla46_c", "timm:ghostnet_050", "torchvision:shufflenet_v2_x0_5",
-                           "torchvision:mnasnet0_5")
+                           "torchvision:mnasnet0_5", "timm:hgnetv2_b0", "timm:selecsls42")
 
 
 def find_arch(key: str) -> Arch:

@@ -7,7 +7,7 @@ in the masked-dense map that the dense layer pads. The filter is cheap next to t
 around it, and runs on the dense canvas of the active rows (zeros elsewhere): scatter, pad, one
 depthwise convolution, gather the active output sites. Gathering each output's ``k x k`` mirrored
 neighbours instead built a kernel map per stride and was about 10% slower for a whole ResNet-blur
-or TResNet step on the CPU (benchmarks/RESULTS.md).
+or TResNet encoder step on the CPU (128 px, mask 0.6, measured interleaved).
 """
 from __future__ import annotations
 
