@@ -221,6 +221,9 @@ def report(rows: List[Dict[str, str]], infos: List[Dict[str, str]]) -> str:
         "",
         "### torchvision",
         "",
+        "Every classification builder of the installed torchvision (`torchvision.models.list_models(module="
+        "torchvision.models)`), all variants, except the transformers (`vit_*`, `swin_*`, `maxvit_*`).",
+        "",
         *table(rows, "torchvision"),
     ]
     return "\n".join(lines) + "\n"
