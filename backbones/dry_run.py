@@ -226,6 +226,14 @@ def discover_features(trace: DenseTrace) -> List[str]:
     return paths
 
 
+def feature_map(output):
+    """The map a feature module returns: its output, or the first item of a list or tuple (SelecSLS's
+    blocks return ``[output, skip]``, and timm's ``feature_info`` names those blocks)."""
+    if isinstance(output, (list, tuple)) and output:
+        return output[0]
+    return output
+
+
 def named_features(trace: DenseTrace, model: nn.Module, names: Sequence[str]) -> Tuple[List[int], List[int]]:
     """(reductions, channels) of the named modules' outputs in the trace."""
     for n in names:

@@ -58,17 +58,17 @@ class SparsifiedBackbone(SparseBackbone):
         """Set which outputs are the 4 maps; return the dense maps of the trace and the head's paths."""
         if feature_modules is None and _returns_feature_list(model):
             info = model.feature_info
-            picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__)
+            picks = _pick(list(info.reduction()), list(info.channels()), type(model).__name__, deeper_ok=False)
             self._list_indices = [i for i, _ in picks]
             self._paths: List[str] = []
             self.feature_channels = [c for _, c in picks]
             return [trace.last_call("").saved[i] for i in self._list_indices], []
         paths, reductions, channels = _feature_modules(model, feature_modules, trace)
-        picks = _pick(reductions, channels, type(model).__name__)
+        picks = _pick(reductions, channels, type(model).__name__, deeper_ok=True)
         self._list_indices = None
         self._paths = [paths[i] for i, _ in picks]
         self.feature_channels = [c for _, c in picks]
-        return [trace.last_call(p).saved for p in self._paths], dry_run.head_modules(trace, self._paths[-1])
+        return [dry_run.feature_map(trace.last_call(p).saved) for p in self._paths], dry_run.head_modules(trace, self._paths[-1])
 
     @staticmethod
     def _swap_layers(model: nn.Module, head: List[str]) -> List[str]:
@@ -105,7 +105,7 @@ class SparsifiedBackbone(SparseBackbone):
 
     def _capture(self, module, inputs, output):
         i = module._sparse_feature_index
-        self._captured[i] = output
+        self._captured[i] = dry_run.feature_map(output)
         if i == len(self._paths) - 1:
             raise _StopForward
 
@@ -157,9 +157,15 @@ def _feature_modules(model: nn.Module, names: Optional[Sequence[str]], trace: dr
     return names, reductions, channels
 
 
-def _pick(reductions: List[int], channels: List[int], what: str):
-    """(index, channels) of the last map at each of the strides 4, 8, 16, 32."""
-    if max(reductions) != 32:
+def _pick(reductions: List[int], channels: List[int], what: str, deeper_ok: bool):
+    """(index, channels) of the last map at each of the strides 4, 8, 16, 32.
+
+    With ``deeper_ok`` (the forward stops at the stride-32 map), maps at strides above 32 (SelecSLS's
+    stride-64 head convolutions) are ignored: they run after the last feature map, so they are part
+    of the head that is dropped. A ``features_only`` model computes every map it lists, so there a
+    deeper map is refused."""
+    deepest = max(reductions)
+    if deepest < 32 or (deepest > 32 and not deeper_ok):
         raise UnsupportedLayerError(f"{what}'s total stride is {max(reductions)}, SparK needs 32 (patch size 32); "
                                     f"feature reductions are {reductions}. Use a model with 5 stride-2 stages "
                                     "(and output_stride=32)")

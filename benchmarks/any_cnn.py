@@ -74,11 +74,12 @@ def _pointwise_names() -> set:
 
 # -- running -------------------------------------------------------------------------------------------------
 def sweep(archs: Sequence[coverage.Arch], with_speed: bool, commit: str, log=print,
-          done: Callable[[List[Dict[str, str]]], None] = lambda rows: None) -> List[Dict[str, str]]:
+          done: Callable[[List[Dict[str, str]]], None] = lambda rows: None,
+          memory_gb: Optional[float] = None) -> List[Dict[str, str]]:
     """One row per architecture; ``done(rows so far)`` after each (a killed sweep keeps what it measured)."""
     rows: List[Dict[str, str]] = []
     for i, arch in enumerate(archs, 1):
-        result = coverage.check(arch)
+        result = coverage.check(arch, memory_gb=memory_gb)
         if with_speed and result.status in ("exact", "wrong"):
             try:
                 result.__dict__.update(coverage.speed(arch))
@@ -128,7 +129,7 @@ def merge(old: List[Dict[str, str]], new: List[Dict[str, str]]) -> List[Dict[str
 # -- the report ------------------------------------------------------------------------------------------------
 def summary(rows: List[Dict[str, str]], source: str) -> Dict[str, int]:
     mine = [r for r in rows if r["source"] == source]
-    counts = {s: sum(r["status"] == s for r in mine) for s in ("exact", "refused", "crash", "wrong")}
+    counts = {s: sum(r["status"] == s for r in mine) for s in ("exact", "refused", "crash", "wrong", "not run")}
     cnn = [r for r in mine if r["hybrid"] != "True"]
     counts.update(total=len(mine), cnn=len(cnn), cnn_exact=sum(r["status"] == "exact" for r in cnn))
     return counts
@@ -178,7 +179,8 @@ def _summary_line(rows: List[Dict[str, str]], source: str, label: str) -> str:
     c = summary(rows, source)
     return (f"- {label}: **{c['exact']} of {c['total']} exact ({_pct(c['exact'], c['total'])})**"
             f"{'; CNNs without attention blocks ' + str(c['cnn_exact']) + ' of ' + str(c['cnn']) + ' (' + _pct(c['cnn_exact'], c['cnn']) + ')' if c['cnn'] != c['total'] else ''}"
-            f"; refused at `sparsify()` {c['refused']}, fail during a forward {c['crash']}, wrong {c['wrong']}")
+            f"; refused at `sparsify()` {c['refused']}, fail during a forward {c['crash']}, wrong {c['wrong']}"
+            + (f"; not run (memory) {c['not run']}, counted as not exact" if c["not run"] else ""))
 
 
 def _measured(info: Dict[str, str]) -> str:
@@ -205,7 +207,8 @@ def report(rows: List[Dict[str, str]], infos: List[Dict[str, str]]) -> str:
         f"forward and gradients. Errors are max |difference| / max |reference| per tensor (for gradients the "
         f"scale is at least {coverage.GROUP_FLOOR:g} of the largest gradient: some are zero in exact arithmetic "
         f"and hold rounding noise only); **exact** = all of them <= {coverage.TOLERANCE:g}. *refused*: `sparsify()` raised before any computation; *crash*: it "
-        f"failed during a forward (stage and running module shown). **speedup** = masked-dense time / sparse "
+        f"failed during a forward (stage and running module shown); *not run*: its float64 check would not fit the "
+        f"sweep's memory budget (`--memory-gb`), counted in the total and not as exact. **speedup** = masked-dense time / sparse "
         f"time of the encoder's forward+backward, float32, batch 4, 128 px, mask 0.6, one thread, same weights and masks, "
         f"interleaved (median of the per-repeat ratios; a loaded shared machine: ratios, not times). "
         f"**uses**: the engine's sparse layers other than conv / BatchNorm, and the non-pointwise torch "
@@ -217,6 +220,9 @@ def report(rows: List[Dict[str, str]], infos: List[Dict[str, str]]) -> str:
         *table(rows, "timm"),
         "",
         "### torchvision",
+        "",
+        "Every classification builder of the installed torchvision (`torchvision.models.list_models(module="
+        "torchvision.models)`), all variants, except the transformers (`vit_*`, `swin_*`, `maxvit_*`).",
         "",
         *table(rows, "torchvision"),
     ]
@@ -302,6 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                               "rewrite every table from it")
     parser.add_argument("--from", dest="sources", type=Path, nargs="+",
                         help="measure nothing: combine these CSVs (of --part runs) into --out and every table")
+    parser.add_argument("--memory-gb", type=float, default=8.0,
+                        help="models whose float64 check would need more than this (parameters x 32 bytes: dense "
+                             "model, sparse copy, both gradients) are listed as 'not run' (default 8)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads (default 1: on a busy machine several threads wait on each "
                              "other; float64 depthwise convolutions slowed 100x with 2)")
@@ -323,7 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             archs = archs[args.part[0] - 1::args.part[1]]
         info = _info(argv)
         rows = sweep(archs, not args.no_speed, info["commit"], log=lambda m: print(m, file=sys.stderr, flush=True),
-                     done=lambda so_far: write_csv(args.out.with_suffix(".partial.csv"), so_far))
+                     done=lambda so_far: write_csv(args.out.with_suffix(".partial.csv"), so_far),
+                     memory_gb=args.memory_gb)
         info["uptime_end"] = _uptime()
         args.out.parent.mkdir(parents=True, exist_ok=True)
         infos = [info]

@@ -72,6 +72,15 @@ def test_conv_matches_masked_dense(kernel, stride, padding, dilation, groups, pa
         compare(conv, cin, in_stride, mask, path)
 
 
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (2, 1, "same")])
+def test_gather_conv_with_fewer_rows_than_output_channels(kernel, stride, padding):
+    # deep stages of a masked image: a few dozen rows against many output channels (the GEMM then
+    # reorders the neighbourhoods instead of the weight)
+    conv = SparseConv2d(6, 96, kernel, stride, padding, bias=True).to(DT)
+    out = compare(conv, 6, 16, patch_mask("random", 2, (2, 3)), "gather")
+    assert out.features.shape[0] < 96
+
+
 @pytest.mark.parametrize("mask_kind", MASKS)
 def test_conv_masks_borders_single_patch_batch_one(mask_kind):
     conv = SparseConv2d(3, 4, 3, 1, 1).to(DT)

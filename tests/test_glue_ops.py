@@ -289,6 +289,52 @@ def test_gamma_activation():
     check(Glue(lambda m, x: m.act(x), act=nfnet.GammaAct("gelu", gamma=1.7)))
 
 
+# -- zero padding folded into the next window op; scalar affine ---------------------------------------------
+def _lab(scale=1.3, bias=-0.4):
+    hgnet = pytest.importorskip("timm.models.hgnet")
+    lab = hgnet.LearnableAffineBlock(scale, bias)
+    return lab
+
+
+def test_learnable_affine_block():
+    check(Glue(lambda m, x: m.lab(x), lab=_lab()))  # HGNet-V2: scale * x + bias, two scalar weights
+
+
+def test_zero_padding_folds_into_the_next_convolution_and_max_pool():
+    def fn(m, x):  # HGNet-V2's stem: F.pad(x, (0, 1, 0, 1)) read by a 2x2 conv and a 2x2 stride-1 ceil-mode pool
+        x = F.pad(m.lab(x), (0, 1, 0, 1))  # negative values, so the pool's zero border matters
+        x2 = m.conv_b(F.pad(m.conv_a(x), (0, 1, 0, 1)))
+        return torch.cat([m.pool(x), x2], 1)
+    model = check(Glue(fn, lab=_lab(), conv_a=nn.Conv2d(8, 4, 2), conv_b=nn.Conv2d(4, 8, 2),
+                       pool=nn.MaxPool2d(2, 1, ceil_mode=True)))
+    assert model.conv_a.geometry.pad_hi == (0, 0)  # the padding lives in the call, not in the layer
+
+
+@pytest.mark.parametrize("pads, stride", [((1, 1, 1, 1), 2), ((2, 0, 2, 0), 1)])
+def test_zero_padding_before_an_unpadded_convolution(pads, stride):
+    check(Glue(lambda m, x: m.conv(F.pad(x, pads)), conv=nn.Conv2d(8, 6, 3, stride)))
+
+
+@pytest.mark.parametrize("op, message", [
+    (lambda x: F.pad(x, (0, 1, 0, 1)).relu(), r"relu of a zero-padded sparse map"),
+    (lambda x: F.pad(x, (0, 1, 0, 1)) + 1.0, r"__add__ of a zero-padded sparse map"),
+    (lambda x: F.pad(x, (0, 1, 0, 1), value=1.0), r"only non-negative zero padding"),
+    (lambda x: F.pad(x, (0, 1, 0, 1), mode="reflect"), r"only non-negative zero padding"),
+    (lambda x: F.pad(x, (0, 0, 0, 0, 1, 1)), r"only non-negative zero padding"),
+    (lambda x: F.pad(x, (2, 0, 0, 2)), r"the same on both axes"),
+    (lambda x: nn.BatchNorm2d(8)(F.pad(x, (1, 1, 1, 1))), r"batch_norm of a zero-padded sparse map"),
+])
+def test_padding_not_read_by_a_window_op_is_refused(op, message):
+    with pytest.raises(UnsupportedOperationError, match=message):
+        op(_sparse_input())
+
+
+def test_padding_before_a_max_pool_with_minus_infinity_padding_is_refused():
+    pool = sparsify_layers(nn.Sequential(nn.MaxPool2d(3, 1, padding=1)))[0]
+    with pytest.raises(UnsupportedOperationError, match="two borders"):
+        pool(F.pad(_sparse_input(), (1, 1, 1, 1)))
+
+
 # -- what stays refused, with the reason ------------------------------------------------------------------
 def _sparse_input(channels=8):
     return patch_input(torch.randn(2, channels, 16, 16), patch_mask("random", 2, (2, 2)), P)

@@ -13,7 +13,8 @@ pretraining runs):
 The verdict is ``exact`` (every relative error at most ``TOLERANCE``), ``wrong`` (it ran, but an
 error is larger), ``refused`` (``sparsify`` raised ``UnsupportedLayerError`` before any computation)
 or ``crash`` (anything else, including an unsupported operation met only during a forward: the
-module that was running and the error's first line are recorded). ``speed`` times the encoder's
+module that was running and the error's first line are recorded); with a memory budget, a model whose
+float64 check would not fit in it is ``not run`` (never counted as exact). ``speed`` times the encoder's
 forward+backward against the masked-dense reference on the same weights and masks.
 """
 from __future__ import annotations
@@ -30,10 +31,12 @@ import torch
 import torch.nn as nn
 
 __all__ = ["Arch", "Check", "TIMM", "TORCHVISION", "ARCHS", "TESTED", "TOLERANCE", "find_arch", "build_dense",
-           "randomize", "check", "speed", "relative_error"]
+           "parameter_count", "randomize", "check", "speed", "relative_error"]
 
 #: ``exact`` means every relative error (max |sparse - reference| / max |reference|) is at most this.
 TOLERANCE = 1e-9
+#: Bytes per parameter a float64 check holds: the dense model, its sparse copy and the gradients of both.
+CHECK_BYTES_PER_PARAMETER = 4 * 8
 
 
 @dataclass(frozen=True)
@@ -85,27 +88,42 @@ TIMM: List[Arch] = [
 ]
 
 
-def _tv(family: str, *names: str) -> List[Arch]:
-    return [Arch("torchvision", n, family) for n in names]
+#: torchvision's families, by the prefix of their builders' names (longest first where prefixes overlap).
+_TV_FAMILIES = (("wide_resnet", "Wide ResNet"), ("resnext", "ResNeXt"), ("resnet", "ResNet"),
+                ("mobilenet_v2", "MobileNetV2"), ("mobilenet_v3", "MobileNetV3"), ("efficientnet_v2", "EfficientNetV2"),
+                ("efficientnet", "EfficientNet"), ("regnet_x", "RegNetX"), ("regnet_y", "RegNetY"),
+                ("shufflenet", "ShuffleNetV2"), ("mnasnet", "MNASNet"), ("densenet", "DenseNet"),
+                ("squeezenet", "SqueezeNet"), ("googlenet", "GoogLeNet"), ("inception", "Inception"),
+                ("convnext", "ConvNeXt"), ("alexnet", "AlexNet"), ("vgg", "VGG"))
+#: torchvision's classification transformers: not CNNs, not in the list.
+_TV_TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 
 
-#: torchvision's classification CNNs (one or two per family).
-TORCHVISION: List[Arch] = [
-    *_tv("ResNet", "resnet18"), *_tv("ResNeXt", "resnext50_32x4d"),
-    *_tv("Wide ResNet", "wide_resnet50_2"), *_tv("MobileNetV2", "mobilenet_v2"),
-    *_tv("MobileNetV3", "mobilenet_v3_small", "mobilenet_v3_large"), *_tv("EfficientNet", "efficientnet_b0"),
-    *_tv("EfficientNetV2", "efficientnet_v2_s"), *_tv("RegNet", "regnet_x_400mf", "regnet_y_400mf"),
-    *_tv("ShuffleNetV2", "shufflenet_v2_x0_5"), *_tv("MNASNet", "mnasnet0_5"), *_tv("DenseNet", "densenet121"),
-    *_tv("SqueezeNet", "squeezenet1_1"), *_tv("GoogLeNet", "googlenet"), *_tv("Inception", "inception_v3"),
-    *_tv("ConvNeXt", "convnext_tiny"), *_tv("AlexNet", "alexnet"), *_tv("VGG", "vgg11"),
-]
+def _torchvision_cnns() -> List[Arch]:
+    """Every classification builder of the installed torchvision (``list_models(module=torchvision.models)``)
+    except the transformers: all variants, so the figure is about all of torchvision's CNNs."""
+    try:
+        import torchvision
+    except ImportError:
+        return []
+    archs = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if name.startswith(_TV_TRANSFORMERS):
+            continue
+        family = next((f for prefix, f in _TV_FAMILIES if name.startswith(prefix)), name)
+        archs.append(Arch("torchvision", name, family))
+    return archs
+
+
+#: torchvision's classification CNNs: every builder of every family.
+TORCHVISION: List[Arch] = _torchvision_cnns()
 
 ARCHS: List[Arch] = TIMM + TORCHVISION
 
 #: The quick subset the test suite checks on every run (one per family, small and fast).
 TESTED: Tuple[str, ...] = ("timm:resnest14d", "timm:mobilenetv3_small_050", "timm:regnetx_002", "timm:lcnet_050",
                            "timm:dla46_c", "timm:ghostnet_050", "torchvision:shufflenet_v2_x0_5",
-                           "torchvision:mnasnet0_5")
+                           "torchvision:mnasnet0_5", "timm:hgnetv2_b0", "timm:selecsls42")
 
 
 def find_arch(key: str) -> Arch:
@@ -149,17 +167,30 @@ def _quiet(model: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
+def _build(arch: Arch) -> nn.Module:
+    if arch.source == "timm":
+        import timm
+        return _construct(lambda **kw: timm.create_model(arch.name, pretrained=False, **kw),
+                          {"drop_rate": 0.0, "drop_path_rate": 0.0})
+    import torchvision
+    ctor = getattr(torchvision.models, arch.name)
+    return _construct(lambda **kw: ctor(weights=None, **kw), _QUIET_KWARGS)
+
+
+def parameter_count(arch: Arch) -> int:
+    """How many parameters the model has: built on the meta device (no memory, no initialisation cost), or in
+    float32 on the CPU where the constructor computes with tensors (torchvision's RegNet widths)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in _build(arch).parameters())
+    except NotImplementedError:
+        return sum(p.numel() for p in _build(arch).parameters())
+
+
 def build_dense(arch: Arch, dtype: torch.dtype = torch.float64, seed: int = 0) -> nn.Module:
     """The dense model with random weights and non-trivial norms, no drop path, no dropout."""
     torch.manual_seed(seed)
-    if arch.source == "timm":
-        import timm
-        model = _construct(lambda **kw: timm.create_model(arch.name, pretrained=False, **kw),
-                           {"drop_rate": 0.0, "drop_path_rate": 0.0})
-    else:
-        import torchvision
-        ctor = getattr(torchvision.models, arch.name)
-        model = _construct(lambda **kw: ctor(weights=None, **kw), _QUIET_KWARGS)
+    model = _build(arch)
     _quiet(model)
     model = model.to(dtype)
     randomize(model, seed)
@@ -208,7 +239,7 @@ class Check:
     family: str
     model: str
     hybrid: bool
-    status: str = "crash"        # exact / wrong / refused / crash
+    status: str = "crash"        # exact / wrong / refused / crash / not run (too big for the memory budget)
     reason: str = ""             # the error's first line (refused / crash)
     detail: str = ""             # the whole message on one line (a refusal lists every layer / op)
     stage: str = ""              # where it failed: build, sparsify, visible, masked
@@ -300,10 +331,11 @@ def _feature_paths(backbone) -> List[str]:
 
 
 def _dense_features(model: nn.Module, paths: Sequence[str], x: torch.Tensor) -> List[torch.Tensor]:
+    from backbones.dry_run import feature_map
     outs: Dict[str, torch.Tensor] = {}
     # a clone: the model may change the map in place afterwards (torchvision DenseNet's F.relu(inplace=True))
-    hooks = [model.get_submodule(p).register_forward_hook(lambda m, i, o, p=p: outs.__setitem__(p, o.clone()))
-             for p in paths]
+    hooks = [model.get_submodule(p).register_forward_hook(
+        lambda m, i, o, p=p: outs.__setitem__(p, feature_map(o).clone())) for p in paths]
     try:
         model(x)
     finally:
@@ -352,7 +384,7 @@ def _masked_errors(sparse, x: torch.Tensor, mask: torch.Tensor) -> Tuple[float, 
 
 
 def check(arch: Arch, img_size: Tuple[int, int] = (96, 96), batch: int = 2, mask_ratio: float = 0.6,
-          seed: int = 0) -> Check:
+          seed: int = 0, memory_gb: Optional[float] = None) -> Check:
     """Build, sparsify and compare one architecture in float64 (see the module docstring) on images of
     ``img_size`` (height, width). 96 px by default: at 64 px a masked image keeps two sites at stride 32, and
     BatchNorm statistics over four values amplify rounding to ~1e-9; 3x3 patches keep errors near 1e-12."""
@@ -362,6 +394,15 @@ def check(arch: Arch, img_size: Tuple[int, int] = (96, 96), batch: int = 2, mask
 
     result = Check(arch.source, arch.family, arch.name, arch.hybrid)
     start = time.perf_counter()
+    if memory_gb is not None:
+        n = parameter_count(arch)
+        need = n * CHECK_BYTES_PER_PARAMETER / 2 ** 30
+        if need > memory_gb:
+            result.status = "not run"
+            result.reason = (f"memory: {n / 1e6:.0f}M parameters need about {need:.0f} GB in float64 (dense model, "
+                             f"sparse copy and their gradients), over the {memory_gb:g} GB budget")
+            result.detail = result.reason
+            return result
     try:
         result.stage = "build"
         dense = build_dense(arch, torch.float64, seed)

@@ -114,7 +114,10 @@ class Collector:
 
 def _logical_dense(t):
     """The dense tensor a dense model would hold for sparse ``t`` (its logical layout and shape)."""
+    from .pad import PaddedSites
     from .tensor import SiteTensor
+    if isinstance(t, PaddedSites):
+        return t.dense()
     if isinstance(t, SiteTensor):
         d = t.dense()
         if t.layout == "nhwc":

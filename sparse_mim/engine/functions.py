@@ -26,6 +26,7 @@ function, never a silent dense computation):
 * ``F.interpolate`` / ``nn.Upsample``, nearest with one integer factor: each site of the finer stride
   takes its parent's value, on the manager's active set of that stride (HRNet, GhostNet V2).
 * ``F.avg_pool2d`` / ``F.max_pool2d`` called functionally: the sparse pooling layers' semantics.
+* ``F.pad`` with zeros right before a convolution or max pool: folded into its window (``engine.pad``).
 """
 from __future__ import annotations
 
@@ -571,6 +572,14 @@ _HANDLERS: Dict[Any, Callable] = {
     torch.stack: _stack, torch.softmax: _softmax, torch.Tensor.softmax: _softmax, F.softmax: _softmax,
     F.interpolate: _interpolate, F.avg_pool2d: _avg_pool2d, F.max_pool2d: _max_pool2d,
 }
+# -- zero padding before a window op (engine.pad) --------------------------------------------------------
+def _pad(x, pad, mode="constant", value=None):
+    """``F.pad`` with zeros: kept for the convolution or max pool that reads it next (``engine.pad``)."""
+    from .pad import pad as pad_sites
+    return pad_sites(x, pad, mode, value)
+
+
+_HANDLERS[F.pad] = _pad
 if getattr(F, "_max_pool2d", None) is not None:  # the plain version behind F.max_pool2d's dispatch
     _HANDLERS[F._max_pool2d] = _max_pool2d
 

@@ -17,6 +17,7 @@ from .errors import UnsupportedOperationError
 from .ops.conv import dense_conv2d
 from .ops.norm import sync_batch_norm_dense
 from .ops.window import WindowGeometry
+from .pad import PaddedSites, fold_into_conv, fold_into_max_pool
 from .tensor import SiteTensor
 
 __all__ = ["SparseConv2d", "SparseStdConv2d", "SparseScaledStdConv2d", "SparseLinear", "SparseBatchNorm2d",
@@ -59,6 +60,10 @@ class SparseConv2d(nn.Conv2d):
         return self.weight
 
     def forward(self, x):
+        if isinstance(x, PaddedSites):  # F.pad's zeros become this window's zero padding
+            x, geometry = fold_into_conv(x, self.geometry)
+            _check_layout(self, x)
+            return ops.conv2d(x, self.conv_weight(), self.bias, geometry, self.groups)
         if isinstance(x, SiteTensor):
             _check_layout(self, x)
             return ops.conv2d(x, self.conv_weight(), self.bias, self.geometry, self.groups)
@@ -190,6 +195,10 @@ class SparseMaxPool2d(nn.MaxPool2d):
         self.border = border
 
     def forward(self, x):
+        if isinstance(x, PaddedSites):  # F.pad's zeros are read as values, as by the dense pool
+            x, geometry, border = fold_into_max_pool(x, self.geometry, self.border)
+            _check_layout(self, x)
+            return ops.max_pool2d(x, geometry, border)
         if isinstance(x, SiteTensor):
             _check_layout(self, x)
             return ops.max_pool2d(x, self.geometry, self.border)

@@ -42,7 +42,9 @@ def _optional(path: str, names: str) -> Tuple[type, ...]:
 _KEPT_MODULES = ("torch.nn.modules.activation", "timm.layers.activations")
 _KEPT_TYPES = (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv1d) + \
     _optional("torchvision.ops.misc", "Permute") + _optional("timm.models.nfnet", "GammaAct") + \
-    _optional("timm.layers.split_attn", "RadixSoftmax")  # the dense per-sample gate of split attention
+    _optional("timm.layers.split_attn", "RadixSoftmax") + \
+    _optional("timm.models.selecsls", "SelectSeq") + \
+    _optional("timm.models.hgnet", "LearnableAffineBlock")  # glue: scale * x + bias with two scalar weights
 _UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)  # kept: their F.interpolate runs in engine.functions
 _NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)  # nn.Softmax: over channels
 
@@ -151,9 +153,12 @@ def _ceil_geometry(m) -> Optional[WindowGeometry]:
     With input ``n * s``, ceil mode gives ``n + ceil((2p - k_eff) / s) + 1`` outputs, which is ``n`` iff
     ``s <= k_eff - 2p < 2s``; its last window then reaches ``k_eff - s - p`` sites past the end, i.e. a
     high-side padding of ``k_eff - s - p`` (VoVNet's 3x3/2 pool without padding: 0 low, 1 high, like TF
-    'SAME'). Where ``k_eff - 2p == s`` this is floor mode's padding.
+    'SAME'). Where ``k_eff - 2p == s`` this is floor mode's padding. At stride 1 ceil and floor mode
+    agree (HGNet-V2's 2x2 stride-1 pool, fed a map padded by ``F.pad``): floor mode's window.
     """
     k, s, p, d = _pair(m.kernel_size), _pair(m.stride), _pair(m.padding), _pair(getattr(m, "dilation", 1))
+    if s == (1, 1):
+        return WindowGeometry.make(k, 1, p, d)
     hi = []
     for i in range(2):
         k_eff = d[i] * (k[i] - 1) + 1

@@ -50,14 +50,23 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
 class _GatherConv(torch.autograd.Function):
     """Gather-GEMM convolution that saves the input rows and the kernel map, not the (N_out, K * C_in)
     neighbourhood matrix (K = 9 times the rows for a 3x3 kernel) nor a reordered copy of the weight:
-    the backward gathers the neighbourhoods again (one copy), as ``_TileConv`` does with its tiles."""
+    the backward gathers the neighbourhoods again (one copy), as ``_TileConv`` does with its tiles.
+
+    The GEMM needs the neighbourhoods and the weight in the same (offset, channel) order. Gathered
+    neighbourhoods come as (ky, kx, c), the weight as (c, ky, kx): whichever is smaller is reordered.
+    With fewer output rows than output channels (the stride-16 and -32 stages of a masked image:
+    a 512x512x3x3 weight against a few dozen rows) that is the neighbourhoods, and the weight and its
+    gradient stay in their own layout (three weight-sized copies per step saved)."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, nbr):
         n, k = nbr.shape
-        c_out = weight.shape[0]
+        c_out, c_in = weight.shape[:2]
         neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
-        out = neigh @ weight.permute(2, 3, 1, 0).reshape(-1, c_out)
+        if n < c_out:
+            out = _channel_major(neigh, k, c_in) @ weight.reshape(c_out, -1).t()
+        else:
+            out = neigh @ weight.permute(2, 3, 1, 0).reshape(-1, c_out)
         if bias is not None:
             out += bias
         ctx.save_for_backward(features, weight, nbr)
@@ -69,18 +78,31 @@ class _GatherConv(torch.autograd.Function):
         features, weight, nbr = ctx.saved_tensors
         n, k = nbr.shape
         c_out, c_in, kh, kw = weight.shape
+        small = n < c_out
         g_features = g_w = g_b = None
         if ctx.needs_input_grad[1]:
             neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
-            g_w = (neigh.t() @ grad).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
+            if small:
+                g_w = (grad.t() @ _channel_major(neigh, k, c_in)).view(c_out, c_in, kh, kw)
+            else:
+                g_w = (neigh.t() @ grad).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
             del neigh
         if ctx.needs_input_grad[0]:
-            g_neigh = grad @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)   # (N_out, K * C_in), (ky, kx, c)
-            g_features = scatter_add_rows(g_neigh.view(n * k, c_in), nbr.reshape(-1), features.shape[0] + 1)
+            if small:  # (N_out, C_in * K) in (c, ky, kx) order -> (N_out * K, C_in)
+                g_neigh = (grad @ weight.reshape(c_out, -1)).view(n, c_in, k).transpose(1, 2).reshape(n * k, c_in)
+            else:
+                g_neigh = (grad @ weight.permute(0, 2, 3, 1).reshape(c_out, -1)).view(n * k, c_in)  # (ky, kx, c)
+            g_features = scatter_add_rows(g_neigh, nbr.reshape(-1), features.shape[0] + 1)
             g_features = g_features[:-1]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             g_b = grad.sum(0)
         return g_features, g_w, g_b, None
+
+
+def _channel_major(neigh: torch.Tensor, k: int, c_in: int) -> torch.Tensor:
+    """(N, K * C) neighbourhoods in (ky, kx, c) order -> (N, C * K) in the weight's (c, ky, kx) order."""
+    n = neigh.shape[0]
+    return neigh.view(n, k, c_in).transpose(1, 2).reshape(n, c_in * k)
 
 
 class _TileConv(torch.autograd.Function):
