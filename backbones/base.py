@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from sparse_mim.engine import recompute
-from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size, use_backend
+from sparse_mim.engine import MaskedDenseTensor, SparseInputError, SparseTensor, check_image_size, use_settings
 
 __all__ = ["SparseBackbone"]
 
@@ -53,7 +53,7 @@ class SparseBackbone(nn.Module):
         x = self.make_input(images, active, dense_reference)
         # the sparse encoder rebuilds BatchNorm -> ReLU outputs in backward instead of keeping them
         saving = contextlib.nullcontext() if dense_reference else recompute.saving()
-        with use_backend(self.backend), saving:
+        with use_settings(backend=self.backend), saving:
             return self.forward_features(x)
 
     def forward_features(self, x):

@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from ..configs import compose, config_dir, image_and_mask_errors, is_int
+from ..engine.execution import PATHS
 
 __all__ = ["CONFIG_DIR", "BenchConfigError", "BenchSettings", "compose_bench_config", "resolve"]
 
@@ -20,7 +21,6 @@ CONFIG_NAME = "bench"
 WHAT = ("encoder", "step", "loader")
 METHODS = ("spark", "fcmae")
 DTYPES = ("float32", "bfloat16")
-PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
 
 class BenchConfigError(ValueError):
@@ -104,7 +104,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
     from backbones import is_backbone, list_backbones
 
-    from ..engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
+    from ..engine.backend import BackendError, backend_names, check_backend_usable
 
     c = OmegaConf.to_container(cfg, resolve=True)
     errors: List[str] = []
@@ -155,14 +155,13 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     if c.get("cuda_graph") and device_name_is_cpu(c):
         errors.append("cuda_graph=true needs device=cuda (CUDA graphs)")
     backends = [str(b) for b in _as_list(c.get("backend", "native"))]
-    if not backends or any(b not in BACKENDS for b in backends):
-        errors.append(f"backend must be one of {', '.join(BACKENDS)} or a list of them, got {c.get('backend')!r}")
-    elif "minkowski" in backends:
-        if not device_name_is_cpu(c):
-            errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine; set device=cpu")
+    if not backends:
+        errors.append(f"backend must be one of {', '.join(backend_names())} or a list of them, got []")
+    for b in backends:
         try:
-            import_minkowski()
-        except MinkowskiUnavailableError as e:
+            check_backend_usable(b, device="cpu" if device_name_is_cpu(c) else "cuda",
+                                 cuda_graph=bool(c.get("cuda_graph")))
+        except BackendError as e:
             errors.append(str(e))
     what = [str(w) for w in _as_list(c["what"])]
     if not what or any(w not in WHAT for w in what):
@@ -196,7 +195,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
         execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
-        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in BACKENDS if b in backends or b == "native"),
+        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in backend_names() if b in backends or b == "native"),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
         seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes),
         data_path=None if c.get("data_path") is None else str(c["data_path"]),

@@ -19,7 +19,8 @@ import torch
 
 from .errors import ConversionError
 from .fcmae import FCMAE_DECODER_GROUPS, ours_to_official_fcmae, timm_to_fcmae
-from .minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
+from sparse_mim.engine.minkowski_layout import (KernelLayoutError, dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense,
+                                                me_kernel_to_dense)
 
 __all__ = ["to_minkowski", "from_minkowski_layout", "is_minkowski_layout", "fcmae_decoder_of"]
 
@@ -85,7 +86,7 @@ def from_minkowski_layout(encoder: Mapping[str, torch.Tensor], arch: str | None)
                 raise ConversionError(f"ME kernel {key!r} has no convolution {name!r} in timm {arch!r}; check --arch")
             try:
                 out[name] = me_kernel_to_dense(value, shape[2:], depthwise=_is_depthwise(shape))
-            except ConversionError as e:
+            except KernelLayoutError as e:
                 raise ConversionError(f"{key}: {e}") from None
         elif key.endswith(".bias") and value.dim() == 2 and value.shape[0] == 1:
             out[key] = me_bias_to_dense(value)

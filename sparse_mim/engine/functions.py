@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from .coords import SparseInputError
 from .errors import UnsupportedOperationError
-from .ops.gather import gather_rows
+from .gather import gather_rows
 from .ops.resample import upsample_nearest
 from .ops.sample import global_avg_pool, per_sample_sum
 from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor

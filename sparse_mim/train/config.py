@@ -154,21 +154,11 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
 
 
 def _backend_errors(cfg: DictConfig) -> List[str]:
-    from sparse_mim.engine.backend import BACKENDS, MinkowskiUnavailableError, import_minkowski
+    from sparse_mim.engine.backend import BackendError, check_backend_usable
 
-    backend = cfg.get("backend", "native")
-    if backend not in BACKENDS:
-        return [f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}"]
-    if backend != "minkowski":
-        return []
-    errors = []
-    if cfg.train.get("cuda_graph"):
-        errors.append("train.cuda_graph=true captures our own engine; it cannot run with backend=minkowski")
-    if _cuda_available():
-        errors.append("backend=minkowski runs on the CPU build of MinkowskiEngine, but a CUDA device would be used; "
-                      "use backend=native on GPUs")
     try:
-        import_minkowski()
-    except MinkowskiUnavailableError as e:
-        errors.append(str(e))
-    return errors
+        check_backend_usable(str(cfg.get("backend", "native")), device="cuda" if _cuda_available() else "cpu",
+                             cuda_graph=bool(cfg.train.get("cuda_graph")))
+    except BackendError as e:
+        return [str(e)]
+    return []

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..coords import SparseInputError
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows
+from ..gather import gather_rows
 
 __all__ = ["padded_depthwise_filter"]
 

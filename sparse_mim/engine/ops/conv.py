@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import current_backend
+from ..execution import choose_path
+from ..gather import gather_rows, scatter_add_rows
+from ..settings import current_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows, scatter_add_rows
-from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, neighbor_index, padded_tiles,
-                     tile_index, tile_rows)
+from .window import (WindowGeometry, canvas_rows, gather_neighbors, neighbor_index, padded_tiles, tile_index,
+                     tile_rows)
 
 __all__ = ["conv2d", "dense_conv2d"]
 
@@ -26,12 +27,13 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         raise ValueError(f"conv expects {weight.shape[1] * groups} input channels, got {x.num_channels}")
     if isinstance(x, MaskedDenseTensor):
         return _masked_dense(x, weight, bias, geom, groups, out_stride)
-    if current_backend() == "minkowski":
-        from .. import minkowski
-        return minkowski.conv2d(x, weight, bias, geom, groups)
+    settings = current_settings()
+    delegate = settings.backend_op("conv2d")
+    if delegate is not None and (out := delegate(x, weight, bias, geom, groups)) is not NotImplemented:
+        return out
     if geom.pointwise and groups == 1:
         return _pointwise(x, weight, bias, geom, out_stride)
-    path = choose_path(x, geom, depthwise=groups > 1 and groups == x.num_channels)
+    path = choose_path(settings, x, geom, depthwise=groups > 1 and groups == x.num_channels)
     if path == "tiles":
         rows = _TileConv.apply(x.features, weight, bias, tile_index(x, geom), geom, groups,
                                x.manager.tile_side(out_stride))
@@ -200,17 +202,14 @@ class _DepthwiseConvPlainWeightGrad(torch.autograd.Function):
         return g_x, g_w, g_b, None, None, None, None
 
 
-#: A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
-#: weight gradient (``groups * 256 * kh * kw`` elements) exceeds this many times the input map: there
-#: the two copies are far smaller than that transient, and the NCHW GEMM is also faster (measured,
-#: weight gradient alone, 2 threads: 8 x 768 x 7 x 7, ratio 32, 30-37 ms against 39-42). Below, the
-#: padded kernel is the faster one (8 x 384 x 14 x 14, ratio 8: 40-63 ms against 16-21;
-#: 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms). 0 disables it.
-PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO = 16
-
-
 def _plain_weight_grad(dense: torch.Tensor, weight: torch.Tensor, geom: WindowGeometry, groups: int) -> bool:
-    ratio = PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO
+    """A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
+    weight gradient (``groups * 256 * kh * kw`` elements) exceeds ``plain_depthwise_weight_grad_ratio``
+    (``EngineSettings``) times the input map: there the two copies are far smaller than that transient,
+    and the NCHW GEMM is also faster (measured, weight gradient alone, 2 threads: 8 x 768 x 7 x 7,
+    ratio 32, 30-37 ms against 39-42). Below, the padded kernel is the faster one (8 x 384 x 14 x 14,
+    ratio 8: 40-63 ms against 16-21; 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms)."""
+    ratio = current_settings().plain_depthwise_weight_grad_ratio
     if not ratio or dense.device.type != "cpu" or dense.dtype != torch.float32 or not torch.is_grad_enabled() \
             or torch.is_autocast_enabled("cpu") or not weight.requires_grad \
             or groups == 1 or groups != dense.shape[1] or weight.shape[0] != groups or geom.pad_lo != geom.pad_hi \
