@@ -62,3 +62,26 @@ def test_pretrain_and_bench_configs_reject_an_unknown_backend():
     with pytest.raises(BenchConfigError, match="backend must be one of native, minkowski, got 'tpu'"):
         resolve(compose_bench_config(["backend=[native,tpu]", "device=cpu"]))
     assert resolve(compose_bench_config(["device=cpu"])).backends == ("native",)
+
+
+def test_a_backend_computes_the_ops_in_its_table_and_our_engine_the_rest(monkeypatch):
+    import torch
+
+    from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, SparseLayerNorm, SparseTensor
+    from sparse_mim.engine import backend
+
+    calls = []
+
+    def conv2d(x, weight, bias, geom, groups):
+        calls.append("conv2d")
+        return NotImplemented  # these arguments: our engine's
+
+    monkeypatch.setitem(backend._BACKENDS, "probe", backend.Backend("probe", ops={"conv2d": conv2d}))
+    manager = PatchCoordinateManager(torch.ones(1, 1, 2, dtype=torch.bool), 32)
+    x = SparseTensor(torch.randn(manager.num_rows(4), 3, dtype=torch.float64), manager=manager, stride=4)
+    conv, norm = SparseConv2d(3, 3, 3, padding=1).double(), SparseLayerNorm(3).double()
+    want = norm(conv(x)).features
+    with use_settings(backend="probe"):
+        got = norm(conv(x)).features
+    assert calls == ["conv2d"]
+    assert torch.equal(got, want)

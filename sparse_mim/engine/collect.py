@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from . import functions
 from .errors import UnsupportedOperationError
-from .tensor import install_torch_function
+from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor, install_torch_function
 
 __all__ = ["collecting", "active", "dispatch", "Collector", "Offence"]
 
@@ -82,7 +82,6 @@ class Collector:
         return hook
 
     def _find_manager(self, args) -> None:
-        from .tensor import SiteTensor
         if self.manager is None:
             for a in args:
                 if isinstance(a, SiteTensor):
@@ -92,7 +91,6 @@ class Collector:
     # -- dense detour ----------------------------------------------------------------------------------
     def resparsify(self, t, ref=None):
         """A plain (B, C, H, W) tensor on one of the dry run's grids as a sparse tensor; else ``t``."""
-        from .tensor import MaskedDenseTensor, SparseTensor
         if isinstance(t, (list, tuple)):
             return type(t)(self.resparsify(a, ref) for a in t)
         manager = ref.manager if ref is not None else self.manager
@@ -116,7 +114,6 @@ class Collector:
 
 def _logical_dense(t):
     """The dense tensor a dense model would hold for sparse ``t`` (its logical layout and shape)."""
-    from .tensor import SiteTensor
     if isinstance(t, SiteTensor):
         d = t.dense()
         if t.layout == "nhwc":

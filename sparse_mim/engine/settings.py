@@ -74,7 +74,9 @@ def use_settings(**changes) -> Iterator[EngineSettings]:
     unknown = sorted(set(changes) - set(_FIELDS))
     if unknown:
         raise TypeError(f"unknown engine setting(s) {', '.join(unknown)}; the settings are {', '.join(_FIELDS)}")
-    settings = dataclasses.replace(_current.get(), **changes) if changes else _current.get()
+    settings = _current.get()
+    if any(getattr(settings, name) != value for name, value in changes.items()):
+        settings = dataclasses.replace(settings, **changes)
     token = _current.set(settings)
     try:
         yield settings
