@@ -5,6 +5,8 @@
 that tests and benchmarks turn off to measure or to reach the other path. ``use_settings(**changes)``
 changes some of them inside a ``with`` block; ``current_settings()`` is what the ops read. The
 settings are per thread (a ``contextvars`` variable): a block on one thread never changes another's.
+torch runs a CUDA backward on threads of its own, so an autograd function whose backward reads a
+setting keeps the forward's settings on its ``ctx`` and enters them there (``ops.conv``).
 """
 from __future__ import annotations
 
@@ -68,13 +70,14 @@ def current_settings() -> EngineSettings:
 
 
 @contextlib.contextmanager
-def use_settings(**changes) -> Iterator[EngineSettings]:
-    """Run the block with the current settings changed by ``changes`` (checked first); the previous
-    settings come back when it ends, also on an exception. Blocks nest."""
+def use_settings(settings: Optional[EngineSettings] = None, /, **changes) -> Iterator[EngineSettings]:
+    """Run the block with ``settings`` (default: the current ones) changed by ``changes`` (checked
+    first); the previous settings come back when it ends, also on an exception. Blocks nest."""
     unknown = sorted(set(changes) - set(_FIELDS))
     if unknown:
         raise TypeError(f"unknown engine setting(s) {', '.join(unknown)}; the settings are {', '.join(_FIELDS)}")
-    settings = _current.get()
+    if settings is None:
+        settings = _current.get()
     if any(getattr(settings, name) != value for name, value in changes.items()):
         settings = dataclasses.replace(settings, **changes)
     token = _current.set(settings)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ..execution import choose_path
 from ..gather import gather_rows, scatter_add_rows
-from ..settings import current_settings
+from ..settings import current_settings, use_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 from .window import (WindowGeometry, canvas_rows, gather_neighbors, neighbor_index, padded_tiles, tile_index,
                      tile_rows)
@@ -64,6 +64,7 @@ class _GatherConv(torch.autograd.Function):
             out += bias
         ctx.save_for_backward(features, weight, nbr)
         ctx.has_bias = bias is not None
+        ctx.settings = current_settings()  # its backward gathers again (see engine.settings)
         return out
 
     @staticmethod
@@ -73,7 +74,8 @@ class _GatherConv(torch.autograd.Function):
         c_out, c_in, kh, kw = weight.shape
         g_features = g_w = g_b = None
         if ctx.needs_input_grad[1]:
-            neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
+            with use_settings(ctx.settings):
+                neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
             g_w = (neigh.t() @ grad).view(kh, kw, c_in, c_out).permute(3, 2, 0, 1)
             del neigh
         if ctx.needs_input_grad[0]:
@@ -105,13 +107,15 @@ class _TileConv(torch.autograd.Function):
         ctx.save_for_backward(features, weight_c, index)
         ctx.conf = (geom, groups, (out.shape[0], out.shape[1], t_out, t_out), bias is not None, weight.dtype,
                     None if bias is None else bias.dtype, dtype)
+        ctx.settings = current_settings()  # its backward gathers the tiles again (see engine.settings)
         return tile_rows(out, t_out)
 
     @staticmethod
     def backward(ctx, grad_rows):
         features, weight, index = ctx.saved_tensors
         geom, groups, out_shape, has_bias, w_dtype, b_dtype, dtype = ctx.conf
-        tiles = padded_tiles(features.to(dtype), index)
+        with use_settings(ctx.settings):
+            tiles = padded_tiles(features.to(dtype), index)
         n, c_out, t_out, _ = out_shape
         full = (tiles.shape[-1] - geom.dilation[0] * (geom.kernel[0] - 1) - 1) // geom.stride + 1
         grad = grad_rows.reshape(n, t_out, t_out, c_out).permute(0, 3, 1, 2)
@@ -126,7 +130,8 @@ class _TileConv(torch.autograd.Function):
             [want_input and not transposed, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
         g_features = None
         if transposed:
-            g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
+            with use_settings(ctx.settings):
+                g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
             g_features = g_features.to(features.dtype)
         elif g_tiles is not None:
             rows = tile_rows(g_tiles, g_tiles.shape[-1])
