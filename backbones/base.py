@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparse_mim.engine import recompute
-from sparse_mim.engine import patch_input, use_backend
+from sparse_mim.engine import patch_input, use_settings
 
 __all__ = ["SparseBackbone"]
 
@@ -36,7 +36,7 @@ class SparseBackbone(nn.Module):
         x = patch_input(images, active, self.downsample_ratio, dense_reference=dense_reference)
         # the sparse encoder rebuilds BatchNorm -> ReLU outputs in backward instead of keeping them
         saving = contextlib.nullcontext() if dense_reference else recompute.saving()
-        with use_backend(self.backend), saving:
+        with use_settings(backend=self.backend), saving:
             return self.forward_features(x)
 
     def forward_features(self, x):

@@ -49,11 +49,9 @@ def create_backbone(name: str, backend: str = "native", **kwargs) -> nn.Module:
     A hand-tuned twin is used where one is registered; any other timm name (or ``sparsify:<name>``,
     to force it) is ``sparsify(timm.create_model(name, **kwargs))`` with timm's own state_dict keys.
     """
-    from sparse_mim.engine.backend import check_backend, import_minkowski
+    from sparse_mim.engine.backend import check_backend_usable
 
-    check_backend(backend)
-    if backend == "minkowski":
-        import_minkowski()  # fail now, with the install instructions, rather than at the first batch
+    check_backend_usable(backend)  # fails now (with install instructions) rather than at the first batch
     if not is_backbone(name):
         close = difflib.get_close_matches(name, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -9,7 +9,7 @@ import argparse
 import torch
 
 from backbones import create_backbone
-from sparse_mim.engine import execution
+from sparse_mim.engine import use_settings
 from sparse_mim.spark import random_patch_mask
 
 
@@ -17,13 +17,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-RULES = {  # label -> sparse_mim.engine.execution arguments
+RULES = {  # label -> sparse_mim.engine.use_settings arguments
     "auto": {},
-    "tiles": {"path": "tiles"},
-    "small tiles=canvas": {"small_tiles": "canvas"},
-    "small tiles=implicit_gemm": {"small_tiles": "implicit_gemm"},
-    "depthwise=tiles": {"depthwise": "tiles"},
-    "depthwise=canvas": {"depthwise": "canvas"},
+    "tiles": {"execution": "tiles"},
+    "small tiles=canvas": {"execution_small_tiles": "canvas"},
+    "small tiles=implicit_gemm": {"execution_small_tiles": "implicit_gemm"},
+    "depthwise=tiles": {"execution_depthwise": "tiles"},
+    "depthwise=canvas": {"execution_depthwise": "canvas"},
 }
 
 
@@ -34,7 +34,7 @@ def check(name: str, batch: int, rule: str) -> None:
     active = random_patch_mask(batch, (7, 7), 0.6, device="cuda")
     results = []
     for ref in (False, True):
-        with execution(**RULES[rule]):
+        with use_settings(**RULES[rule]):
             outs = model(x, active, dense_reference=ref)
         dense = [o.dense() for o in outs]
         loss = sum((d.float() ** 2).mean() for d in dense)

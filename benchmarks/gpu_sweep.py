@@ -2,7 +2,7 @@
 
 For each model the masked-dense baseline and every candidate rule of the sparse encoder run
 interleaved (same weights, same masks), encoder forward+backward, batch 128, 224 px, bf16 autocast.
-Candidates are ``sparse_mim.engine.execution`` overrides plus the fused fill-gather switch. Also:
+Candidates are execution overrides of ``sparse_mim.engine.EngineSettings`` plus its fused fill-gather switch. Also:
 the map-building cost as it occurs in a step (forward on a fresh manager minus forward on a warm
 one, no extra synchronisation) and a profiler table of the sparse ResNet-50 encoder step.
 
@@ -22,8 +22,7 @@ import torch
 
 from sparse_mim.bench.timing import interleaved_times, synchronizer
 from sparse_mim.bench.workload import Workload, WorkloadSpec
-from sparse_mim.engine import PatchCoordinateManager, patch_input
-from sparse_mim.engine.ops import gather as gather_ops
+from sparse_mim.engine import PatchCoordinateManager, patch_input, use_settings
 from sparse_mim.spark import random_patch_mask
 
 CANDIDATES = {
@@ -61,14 +60,14 @@ def sweep(model: str, batch: int, warmup: int, repeats: int, device: str) -> dic
             if name in failed:
                 return
             workload.spec, workload.use_graphs = spec, spec.cuda_graph
-            gather_ops.FUSED_FILL_GATHER = options.get("fused_gather", True)
             try:
-                workload.iteration("sparse", "encoder", masks[i])
+                with use_settings(fused_fill_gather=options.get("fused_gather", True)):
+                    workload.iteration("sparse", "encoder", masks[i])
             except Exception as e:  # report and go on: one failing candidate must not cost the sweep
                 failed[name] = f"{type(e).__name__}: {e}"[:400]
                 print(f"candidate {name!r} failed: {failed[name]}")
             finally:
-                workload.spec, workload.use_graphs, gather_ops.FUSED_FILL_GATHER = base, False, True
+                workload.spec, workload.use_graphs = base, False
         return run
 
     runs = {"masked-dense": lambda i: workload.iteration("dense", "encoder", masks[i])}

@@ -6,7 +6,7 @@ mask 0.6, same weights and mask, the four variants interleaved per repeat (media
 """
 import time, statistics, torch, timm
 from backbones import create_backbone
-from sparse_mim.engine import recompute
+from sparse_mim.engine import use_settings
 from sparse_mim.spark import random_patch_mask
 torch.set_num_threads(2); torch.manual_seed(0)
 twin = create_backbone("resnet50"); gen = create_backbone("sparsify:resnet50")
@@ -24,8 +24,8 @@ variants = {"twin recompute on": (twin, True), "twin recompute off": (twin, Fals
 times = {k: [] for k in variants}
 for r in range(9):
     for k, (m, on) in variants.items():
-        recompute.ENABLED = on
-        ms = step(m)
+        with use_settings(recompute=on):
+            ms = step(m)
         if r >= 2: times[k].append(ms)
 for k, v in times.items():
     print(f"{k}: median {statistics.median(v):.0f} ms  ({', '.join(f'{t:.0f}' for t in v)})")

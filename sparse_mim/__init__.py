@@ -7,11 +7,11 @@ from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 __all__ = ["SparseTensor", "MaskedDenseTensor", "PatchCoordinateManager", "SiteCoordinateManager",
-           "SparseInputError", "UnsupportedLayerError", "execution", "patch_input", "sparsify", "__version__"]
+           "SparseInputError", "UnsupportedLayerError", "patch_input", "use_settings", "sparsify", "__version__"]
 
 __getattr__ = lazy_exports(__name__, globals(), {
     ".engine": ["MaskedDenseTensor", "PatchCoordinateManager", "SiteCoordinateManager", "SparseInputError",
-                "SparseTensor", "UnsupportedLayerError", "execution", "patch_input"],
+                "SparseTensor", "UnsupportedLayerError", "patch_input", "use_settings"],
 })
 
 

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config_schema import is_int, is_number
 
 __all__ = ["missing_settings", "raise_if", "image_and_mask_errors", "crop_scale_errors", "batch_split_errors",
-           "warmup_errors", "file_errors", "needs_cuda", "check_backend_usable"]
+           "warmup_errors", "file_errors", "needs_cuda", "backend_errors"]
 
 
 def missing_settings(cfg: DictConfig, example: str) -> str:
@@ -127,19 +127,15 @@ def needs_cuda(setting: str, on_cuda: bool, why: str, fix: str) -> List[str]:
     return [] if on_cuda else [f"{setting} needs a CUDA device ({why}); none is used here: {fix}"]
 
 
-def check_backend_usable(backends: Iterable[str], on_cuda: bool, fix: str) -> List[str]:
-    """What stops MinkowskiEngine from running the sparse encoder here ([] for our own engine, which
-    runs anywhere): it is the CPU build, and an optional extra that may not be installed."""
-    from sparse_mim.engine.backend import MinkowskiUnavailableError, import_minkowski
+def backend_errors(backends: Iterable[str], on_cuda: bool, cuda_graph: bool = False) -> List[str]:
+    """What stops each sparse backend from running here, one line each ([] for our own engine, which
+    runs anywhere); the checks are the engine's own (``engine.backend.check_backend_usable``)."""
+    from sparse_mim.engine.backend import BackendError, check_backend_usable
 
-    if "minkowski" not in list(backends):
-        return []
     errors = []
-    if on_cuda:
-        errors.append(f"backend=minkowski runs on the CPU build of MinkowskiEngine, but a CUDA device would be "
-                      f"used; {fix}")
-    try:
-        import_minkowski()
-    except MinkowskiUnavailableError as e:
-        errors.append(str(e))
+    for name in backends:
+        try:
+            check_backend_usable(str(name), device="cuda" if on_cuda else "cpu", cuda_graph=cuda_graph)
+        except BackendError as e:
+            errors.append(str(e))
     return errors

@@ -91,7 +91,7 @@ class PretrainConfig:
     method: str = setting(choices=["sparse_mim.train.methods:METHODS"])
     model: str = setting()
     mask_ratio: float = setting()  # with the image size: config_rules.image_and_mask_errors
-    backend: str = setting(choices=["sparse_mim.engine.backend:BACKENDS"])
+    backend: str = setting(choices=["sparse_mim.engine.backend:backend_names"])
     drop_path_rate: Optional[float] = setting(ge=0, lt=1)
     decoder_width: int = setting(ge=1)
     output_dir: str = setting()
@@ -164,7 +164,7 @@ class FinetuneConfig:
 
 
 # -- bench: configs/bench.yaml -------------------------------------------------------------------
-_PATHS = "sparse_mim.bench.config:PATHS"
+_PATHS = "sparse_mim.engine.execution:PATHS"
 
 
 @dataclass
@@ -184,7 +184,7 @@ class BenchConfig:
     execution: str = setting(choices=[_PATHS])
     execution_depthwise: Optional[str] = setting(choices=[_PATHS])
     execution_small_tiles: Optional[str] = setting(choices=[_PATHS])
-    backend: Any = setting(one_or_list=str, choices=["sparse_mim.engine.backend:BACKENDS"])
+    backend: Any = setting(one_or_list=str, choices=["sparse_mim.engine.backend:backend_names"])
     cuda_graph: bool = setting()
     what: Any = setting(one_or_list=str, choices=["sparse_mim.bench.config:WHAT"], example="[encoder,step]")
     memory: bool = setting()
@@ -214,7 +214,8 @@ def _choices(meta) -> List[object]:
     for choice in meta["choices"]:
         if isinstance(choice, str) and ":" in choice:
             module, name = choice.split(":")
-            out += list(getattr(importlib.import_module(module), name))
+            found = getattr(importlib.import_module(module), name)
+            out += list(found() if callable(found) else found)
         else:
             out.append(choice)
     return out

@@ -32,6 +32,7 @@ from sparse_mim.convert import (
     to_torchvision,
 )
 from sparse_mim.convert.archs import ARCHS
+from sparse_mim.engine.minkowski_layout import KernelLayoutError
 from sparse_mim.convert.cli import main
 from sparse_mim.convert.targets.detectron2 import (
     check_detectron2_weights,
@@ -497,11 +498,11 @@ def test_me_layout_round_trips_are_exact_for_asymmetric_kernels(kernel, stride):
 
 
 def test_me_layout_rejects_inconsistent_shapes():
-    with pytest.raises(ConversionError, match="needs K = 9"):
+    with pytest.raises(KernelLayoutError, match="needs K = 9"):
         me_kernel_to_dense(torch.randn(8, 2, 3), 3)
-    with pytest.raises(ConversionError, match="depthwise"):
+    with pytest.raises(KernelLayoutError, match="depthwise"):
         me_kernel_to_dense(torch.randn(4, 6), 3, depthwise=False)
-    with pytest.raises(ConversionError, match=r"\(C, 1, kh, kw\)"):
+    with pytest.raises(KernelLayoutError, match=r"\(C, 1, kh, kw\)"):
         dense_kernel_to_me(torch.randn(4, 2, 3, 3), depthwise=True)
 
 

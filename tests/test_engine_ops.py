@@ -5,7 +5,8 @@ import torch
 from sparse_mim.engine import (MaskedDenseTensor, PatchCoordinateManager, SiteCoordinateManager, WindowGeometry,
                                SparseAvgPool2d, SparseBatchNorm2d, SparseConv2d, SparseDropPath, SparseGELU,
                                SparseGlobalAvgPool, SparseGRN, SparseLayerNorm, SparseLinear,
-                               SparseMaxPool2d, SparseReLU, SparseSyncBatchNorm, SparseTensor, execution)
+                               SparseMaxPool2d, SparseReLU, SparseSyncBatchNorm, SparseTensor, current_settings,
+                               use_settings)
 from sparse_mim.engine.tensor import SparseTensor as _ST
 
 from conftest import MASKS, assert_close, patch_mask
@@ -35,7 +36,7 @@ def compare(module: torch.nn.Module, channels: int, stride: int, mask: torch.Ten
     params = [p for p in module.parameters() if p.requires_grad]
     sparse, ref = pair(x, manager, stride)
     # backward of each run before the next forward: BatchNorm updates its running stats in place
-    with execution(path):
+    with use_settings(execution=path):
         out_s = module(sparse)
     dense_s = out_s.dense()
     probe = torch.randn_like(dense_s)
@@ -105,7 +106,7 @@ def test_conv_on_arbitrary_coordinates(path):
     x = torch.randn(2, 3, 12, 10, dtype=DT, requires_grad=True)
     conv = SparseConv2d(3, 4, 3, 2, 1).to(DT)
     sparse, ref = pair(x, manager, 1)
-    with execution(path):
+    with use_settings(execution=path):
         out_s = conv(sparse)
     out_r = conv(ref)
     assert_close(out_s.dense(), out_r.dense(), what="forward")
@@ -184,14 +185,13 @@ def test_batch_norm_statistics_over_active_sites_only(mask_kind, train):
     compare(bn_s, 5, 4, mask, channels_last=True)
 
 
-def test_gathered_rows_batch_norm_of_masked_dense_baseline(monkeypatch):
+def test_gathered_rows_batch_norm_of_masked_dense_baseline():
     # the CUDA baseline's BatchNorm (gather active rows, native kernel, scatter back), run on CPU
-    from sparse_mim.engine.ops import norm
-    monkeypatch.setattr(norm, "GATHER_MASKED_ROWS", True)
     bn = SparseBatchNorm2d(5).to(DT)
-    compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
-    bn.eval()
-    compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
+    with use_settings(gather_masked_rows=True):
+        compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
+        bn.eval()
+        compare(bn, 5, 4, patch_mask("random", 2, (2, 3)), channels_last=True)
 
 
 def test_sync_batch_norm_without_process_group_equals_local():
@@ -373,7 +373,7 @@ def test_convert_sync_batchnorm_keeps_dtype_values_and_sparse_semantics():
 
 
 def test_auto_execution_follows_the_measured_rules():
-    from sparse_mim.engine.ops.window import auto_path
+    from sparse_mim.engine.execution import auto_path
     g3 = WindowGeometry.make(3, 1, 1)
     g2s2 = WindowGeometry.make(2, 2, 0)
     g7 = WindowGeometry.make(7, 1, 3)
@@ -388,17 +388,29 @@ def test_auto_execution_follows_the_measured_rules():
 
 
 def test_small_tile_and_depthwise_overrides_pick_their_layers_only():
-    from sparse_mim.engine.ops.window import choose_path
+    from sparse_mim.engine.execution import choose_path
     manager = PatchCoordinateManager(patch_mask("random", 2, (2, 2)), 32)
     g3 = WindowGeometry.make(3, 1, 1)
     at = {s: SparseTensor(torch.zeros(manager.num_rows(s), 2), manager=manager, stride=s) for s in (4, 16)}
-    with execution("auto", depthwise="gather", small_tiles="canvas"):
-        assert choose_path(at[16], g3) == "canvas"             # 2x2 tiles
-        assert choose_path(at[4], g3) == "tiles"               # 8x8 tiles keep the CPU rule
-        assert choose_path(at[16], g3, depthwise=True) == "canvas"  # small tiles win over depthwise
-        assert choose_path(at[4], g3, depthwise=True) == "gather"
-    with pytest.raises(ValueError, match="unknown execution path"):
-        with execution(small_tiles="fast"):
+    with use_settings(execution="auto", execution_depthwise="gather", execution_small_tiles="canvas") as s:
+        assert choose_path(s, at[16], g3) == "canvas"             # 2x2 tiles
+        assert choose_path(s, at[4], g3) == "tiles"               # 8x8 tiles keep the CPU rule
+        assert choose_path(s, at[16], g3, depthwise=True) == "canvas"  # small tiles win over depthwise
+        assert choose_path(s, at[4], g3, depthwise=True) == "gather"
+    with pytest.raises(ValueError, match="execution_small_tiles: unknown execution path 'fast'"):
+        with use_settings(execution_small_tiles="fast"):
+            pass
+
+
+def test_settings_apply_inside_their_block_only_and_reject_unknown_names():
+    assert current_settings().execution == "auto" and current_settings().recompute
+    with use_settings(execution="gather", recompute=False):
+        with use_settings(execution="canvas"):
+            assert (current_settings().execution, current_settings().recompute) == ("canvas", False)
+        assert current_settings().execution == "gather"
+    assert current_settings().execution == "auto" and current_settings().recompute
+    with pytest.raises(TypeError, match="unknown engine setting.* recompte"):
+        with use_settings(recompte=False):
             pass
 
 
@@ -447,7 +459,7 @@ def test_recomputed_batch_norm_relu_equals_saved_and_masked_dense(path):
     grads = []
     for enabled in (True, False):
         sparse, _ = pair(x, manager, 8)
-        with execution(path), recompute.saving() if enabled else torch.enable_grad():
+        with use_settings(execution=path), recompute.saving() if enabled else torch.enable_grad():
             out = net(sparse)
         assert recompute.recording() is False
         grads.append(torch.autograd.grad((out.features * out.features).sum(), params))
@@ -472,7 +484,7 @@ def test_recompute_hooks_refuse_a_double_backward_instead_of_a_wrong_one():
     w = torch.randn(3, dtype=DT, requires_grad=True)
     with recompute.saving():
         z = (w * w).sin().sum()
-    with pytest.raises(RuntimeError, match="recompute.ENABLED = False"):
+    with pytest.raises(RuntimeError, match=r"use_settings\(recompute=False\)"):
         torch.autograd.grad(z, w, create_graph=True)
     with recompute.saving():
         z = (w * w).sin().sum()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from sparse_mim.engine import (PatchCoordinateManager, SiteCoordinateManager, SparseAvgPool2d, SparseBatchNorm2d,
                                SparseConv2d, SparseGlobalAvgPool, SparseGRN, SparseLayerNorm, SparseMaxPool2d,
-                               SparseTensor, use_backend)
-from sparse_mim.engine.backend import MinkowskiUnavailableError, import_minkowski
+                               SparseTensor, use_settings)
+from sparse_mim.engine.minkowski import MinkowskiUnavailableError, import_minkowski
 
 from conftest import assert_close
 
@@ -20,7 +20,7 @@ except MinkowskiUnavailableError as e:
     pytest.skip(f"MinkowskiEngine parity tests: {e}", allow_module_level=True)
 
 from backbones import create_backbone  # noqa: E402
-from sparse_mim.convert import dense_bias_to_me, dense_kernel_to_me  # noqa: E402
+from sparse_mim.engine.minkowski_layout import dense_bias_to_me, dense_kernel_to_me  # noqa: E402
 
 DT = torch.float64
 LAYOUTS = ("patches", "scattered")
@@ -44,7 +44,7 @@ def run_both(module, manager, channels: int, stride: int = 1, tol: float = 1e-10
     params = [p for p in module.parameters() if p.requires_grad]
     results = []
     for backend in ("native", "minkowski"):
-        with use_backend(backend):
+        with use_settings(backend=backend):
             out = module(SparseTensor(x, manager=manager, stride=stride))
         rows = out if isinstance(out, torch.Tensor) else out.features
         probe = torch.randn(rows.shape, dtype=DT, generator=torch.Generator().manual_seed(1))
@@ -96,7 +96,7 @@ def test_batch_norm_native_equals_minkowski_with_running_stats(layout, train):
     x = torch.randn(manager.num_rows(1), 5, dtype=DT, requires_grad=True)
     outs = []
     for module, backend in ((bn, "native"), (twin, "minkowski")):
-        with use_backend(backend):
+        with use_settings(backend=backend):
             out = module(SparseTensor(x, manager=manager, stride=1)).features
         outs.append((out, torch.autograd.grad(out.pow(3).sum(), [x, module.weight, module.bias])))
     assert_close(outs[1][0], outs[0][0], 1e-10, "forward")
@@ -164,7 +164,7 @@ def test_resnet50_on_scattered_coordinates_native_equals_minkowski():
     x = torch.randn(manager.num_rows(1), 3, dtype=DT, requires_grad=True)
     results = []
     for model in (native, me):
-        with use_backend(model.backend):
+        with use_settings(backend=model.backend):
             outs = model.forward_features(SparseTensor(x, manager=manager, stride=1))
         loss = sum(o.features.sin().sum() for o in outs)
         results.append(([o.features for o in outs], torch.autograd.grad(loss, [x, model.conv1.weight,

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sparse_mim import MaskedDenseTensor, SparseInputError, SparseTensor
-from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, execution, patch_input
+from sparse_mim.engine import PatchCoordinateManager, SparseConv2d, patch_input, use_settings
 
 from conftest import patch_mask
 
@@ -127,7 +127,7 @@ def test_bfloat16_autocast_runs():
     sp = patch_input(torch.randn(2, 3, 64, 96), mask)
     conv = SparseConv2d(3, 8, 3, 2, 1)
     for path in ("tiles", "gather", "canvas"):
-        with execution(path), torch.autocast("cpu", dtype=torch.bfloat16):
+        with use_settings(execution=path), torch.autocast("cpu", dtype=torch.bfloat16):
             out = conv(sp)
         assert out.features.dtype == torch.bfloat16
         out.features.float().square().sum().backward()

@@ -21,7 +21,6 @@ CONFIG_DIR = config_dir()
 CONFIG_NAME = "bench"
 WHAT = ("encoder", "step", "loader")
 DTYPES = ("float32", "bfloat16")
-PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
 
 
 class BenchConfigError(ValueError):
@@ -105,7 +104,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     """Check every setting (all problems at once) and pick the device; raise ``BenchConfigError``."""
     from backbones import is_backbone, list_backbones
 
-    from ..engine.backend import BACKENDS
+    from ..engine.backend import backend_names
 
     c = OmegaConf.to_container(cfg, resolve=True)
     errors = setting_errors(CONFIG_NAME, cfg)  # types were checked while composing (BenchConfig)
@@ -133,7 +132,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
     if c["cuda_graph"]:
         errors += rules.needs_cuda("cuda_graph=true", on_cuda, "CUDA graphs", "set device=cuda")
     backends = [str(b) for b in _as_list(c["backend"])]
-    errors += rules.check_backend_usable(backends, on_cuda, "set device=cpu")
+    errors += rules.backend_errors(backends, on_cuda, cuda_graph=bool(c["cuda_graph"]))
     if "loader" in what:
         if len(what) > 1:
             errors.append(f"what=loader runs alone (it measures the input pipeline, not the encoder), got {what}")
@@ -157,7 +156,7 @@ def resolve(cfg: DictConfig) -> BenchSettings:
         repeats=int(c["repeats"]), threads=c["threads"], channels_last=bool(c["channels_last"]),
         cudnn_benchmark=bool(c["cudnn_benchmark"]), execution=str(c["execution"]),
         execution_depthwise=c.get("execution_depthwise"), execution_small_tiles=c.get("execution_small_tiles"),
-        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in BACKENDS if b in backends or b == "native"),
+        cuda_graph=bool(c.get("cuda_graph", False)), backends=tuple(b for b in backend_names() if b in backends or b == "native"),
         what=tuple(w for w in WHAT if w in what), memory=bool(c["memory"]), decoder_width=int(c["decoder_width"]),
         seed=int(c["seed"]), output_dir=Path(str(c["output_dir"])), notes=tuple(notes),
         data_path=None if c.get("data_path") is None else str(c["data_path"]),

@@ -82,7 +82,7 @@ def _one_minkowski(workload: Workload, sync: Callable[[], None], generator: torc
     """MinkowskiEngine builds its coordinate and kernel maps inside its own C++ calls, where no clock
     can reach; they are cached on its coordinate manager, so the build time is the first forward on a
     fresh batch minus a second forward on the same batch (same ME manager, every map cached)."""
-    from sparse_mim.engine import use_backend
+    from sparse_mim.engine import use_settings
 
     spec, device = workload.spec, workload.device
     encoder = workload.models["minkowski"].encoder
@@ -92,7 +92,7 @@ def _one_minkowski(workload: Workload, sync: Callable[[], None], generator: torc
     manager = PatchCoordinateManager(active, encoder.downsample_ratio)
     x = patch_input(images, manager=manager)
     passes = []
-    with torch.no_grad(), workload.context(), use_backend("minkowski"):
+    with torch.no_grad(), workload.context(), use_settings(backend="minkowski"):
         for _ in range(2):
             sync()
             t0 = time.perf_counter()

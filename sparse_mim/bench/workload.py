@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sparse_mim.engine import SparseTensor, execution
+from sparse_mim.engine import SparseTensor, use_settings
 from sparse_mim.fcmae import build_fcmae, fcmae_len_keep
 from sparse_mim.spark import SparK, build_spark, len_keep, random_patch_mask
 
@@ -46,7 +46,7 @@ class WorkloadSpec:
     execution: str
     decoder_width: int
     seed: int
-    execution_depthwise: Optional[str] = None    # see sparse_mim.engine.execution
+    execution_depthwise: Optional[str] = None    # see sparse_mim.engine.EngineSettings
     execution_small_tiles: Optional[str] = None
     cuda_graph: bool = False    # sparse encoder replayed as a CUDA graph (sparse_mim.spark.graphed)
     backends: Tuple[str, ...] = ("native",)  # "minkowski" adds the MinkowskiEngine variant
@@ -139,8 +139,9 @@ class Workload:
     def context(self):
         """Precision and sparse execution path, entered around every forward."""
         stack = contextlib.ExitStack()
-        stack.enter_context(execution(self.spec.execution, self.spec.execution_depthwise,
-                                      self.spec.execution_small_tiles))
+        stack.enter_context(use_settings(execution=self.spec.execution,
+                                         execution_depthwise=self.spec.execution_depthwise,
+                                         execution_small_tiles=self.spec.execution_small_tiles))
         if self.spec.autocast:
             stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
         return stack

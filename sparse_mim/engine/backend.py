@@ -1,74 +1,69 @@
-"""Which library executes the sparse ops: our engine (``native``, the default) or MinkowskiEngine.
+"""Which library executes the sparse ops of a ``SparseTensor``: our engine (``native``, the default)
+or another one registered here as a table of ops.
 
-The backend is another execution path of the same modules: parameters, state_dicts and semantics
-do not change, only who computes convolutions, norms and pools of a ``SparseTensor``. The masked-dense
-reference and dense tensors never depend on it. MinkowskiEngine is optional and imported lazily.
+A backend is another execution path of the same modules: parameters, state_dicts and semantics do
+not change, only who computes some ops. An engine op asks ``EngineSettings.backend_op(name)`` for the
+current backend's implementation and runs its own code where there is none, or where that
+implementation returns ``NotImplemented`` for these arguments. The masked-dense reference and dense
+tensors never depend on it. ``engine.minkowski`` registers MinkowskiEngine as ``minkowski``.
 """
 from __future__ import annotations
 
-import collections
-import collections.abc
-import contextlib
-import threading
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
-__all__ = ["BACKENDS", "use_backend", "current_backend", "check_backend", "import_minkowski",
-           "MinkowskiUnavailableError", "INSTALL_MINKOWSKI"]
-
-BACKENDS = ("native", "minkowski")
-_state = threading.local()
-
-INSTALL_MINKOWSKI = (
-    "MinkowskiEngine 0.5.4 is built from source (CPU-only here): apt-get install -y libopenblas-dev "
-    "build-essential, then, in an environment that already has torch: SETUPTOOLS_USE_DISTUTILS=stdlib "
-    "MAX_JOBS=2 pip install --no-build-isolation MinkowskiEngine==0.5.4 (or pip install --no-build-isolation "
-    "-e \".[minkowski]\"); see docs/minkowski.md")
+__all__ = ["Backend", "BackendError", "register_backend", "backend_names", "backend_ops", "check_backend_usable"]
 
 
-class MinkowskiUnavailableError(ImportError):
-    """backend='minkowski' was asked for, but MinkowskiEngine cannot be imported."""
+class BackendError(ValueError):
+    """A backend was asked for where it cannot run (unknown name, device, CUDA graphs, not installed)."""
 
 
-def check_backend(name: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+@dataclass(frozen=True)
+class Backend:
+    """One backend: its name, the engine ops it computes, and where it can run."""
+
+    name: str
+    #: engine op name (``conv2d``, ``max_pool2d``, ``batch_norm``, ...) -> implementation taking the
+    #: engine op's arguments; ops not named here run on our engine.
+    ops: Mapping[str, Callable] = field(default_factory=dict)
+    #: imports what the backend needs, or raises a ``BackendError`` that says how to install it
+    require: Optional[Callable[[], object]] = None
+    devices: Tuple[str, ...] = ("cpu", "cuda")
+    #: how a device refusal names what runs the ops
+    runs_on: str = "our engine"
+    cuda_graph: bool = True
+
+
+_BACKENDS: Dict[str, Backend] = {"native": Backend("native")}
+
+
+def register_backend(backend: Backend) -> None:
+    _BACKENDS[backend.name] = backend
+
+
+def backend_names() -> Tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def backend_ops(name: str) -> Mapping[str, Callable]:
+    return _BACKENDS[name].ops
+
+
+def check_backend_usable(name: str, *, device: Optional[str] = None, cuda_graph: bool = False) -> str:
+    """``name`` if backend ``name`` can run the sparse ops on ``device`` (a device type, ``cpu`` or
+    ``cuda``; None: not checked) with or without CUDA graph capture, else a one-line ``BackendError``
+    naming the problem and the fix. Imports the backend's library (so a missing install fails here,
+    with its install instructions, not at the first batch)."""
+    backend = _BACKENDS.get(name)
+    if backend is None:
+        raise BackendError(f"backend must be one of {', '.join(_BACKENDS)}, got {name!r}")
+    if cuda_graph and not backend.cuda_graph:
+        raise BackendError(f"cuda_graph=true captures our own engine; it cannot run with backend={name} "
+                           "(use backend=native or cuda_graph=false)")
+    if device is not None and str(device).split(":")[0] not in backend.devices:
+        raise BackendError(f"backend={name} runs on {backend.runs_on}, but a {device} device would be used; "
+                           f"use device={backend.devices[0]} or backend=native")
+    if backend.require is not None:
+        backend.require()
     return name
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """Run the sparse ops inside the block on backend ``name`` (``native`` or ``minkowski``)."""
-    check_backend(name)
-    if name == "minkowski":
-        import_minkowski()
-    previous = current_backend()
-    _state.backend = name
-    try:
-        yield
-    finally:
-        _state.backend = previous
-
-
-def current_backend() -> str:
-    return getattr(_state, "backend", "native")
-
-
-_ME = None
-
-
-def import_minkowski():
-    """``import MinkowskiEngine`` with the shims it needs on Python >= 3.10 (applied here only, never at
-    our package import), or a MinkowskiUnavailableError saying how to install it."""
-    global _ME
-    if _ME is not None:
-        return _ME
-    # ME 0.5.4 does `from collections import Sequence` (removed from `collections` in Python 3.10)
-    for name in ("Sequence", "Iterable", "Mapping"):
-        if not hasattr(collections, name):
-            setattr(collections, name, getattr(collections.abc, name))
-    try:
-        import MinkowskiEngine as ME
-    except ImportError as e:
-        raise MinkowskiUnavailableError(f"backend='minkowski' needs MinkowskiEngine, which cannot be imported "
-                                        f"({e}). {INSTALL_MINKOWSKI}") from None
-    _ME = ME
-    return ME

@@ -23,7 +23,9 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from . import functions
 from .errors import UnsupportedOperationError
+from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor, install_torch_function
 
 __all__ = ["collecting", "active", "dispatch", "Collector", "Offence"]
 
@@ -80,7 +82,6 @@ class Collector:
         return hook
 
     def _find_manager(self, args) -> None:
-        from .tensor import SiteTensor
         if self.manager is None:
             for a in args:
                 if isinstance(a, SiteTensor):
@@ -90,7 +91,6 @@ class Collector:
     # -- dense detour ----------------------------------------------------------------------------------
     def resparsify(self, t, ref=None):
         """A plain (B, C, H, W) tensor on one of the dry run's grids as a sparse tensor; else ``t``."""
-        from .tensor import MaskedDenseTensor, SparseTensor
         if isinstance(t, (list, tuple)):
             return type(t)(self.resparsify(a, ref) for a in t)
         manager = ref.manager if ref is not None else self.manager
@@ -115,7 +115,6 @@ class Collector:
 def _logical_dense(t):
     """The dense tensor a dense model would hold for sparse ``t`` (its logical layout and shape)."""
     from .pad import PaddedSites
-    from .tensor import SiteTensor
     if isinstance(t, PaddedSites):
         return t.dense()
     if isinstance(t, SiteTensor):
@@ -137,17 +136,15 @@ def _logical_dense(t):
 def op_name(func) -> str:
     """How a user spells ``func`` in a forward: ``torch.Tensor.view``, ``torch.flip``, ``F.interpolate``."""
     import torch.nn.functional as F
-    from .functions import _name
     name = getattr(func, "__name__", "")
     for spelled, space in (("torch.Tensor", torch.Tensor), ("torch", torch), ("torch.nn.functional", F)):
         if name and getattr(space, name, None) is func:
             return f"{spelled}.{name}"
-    return _name(func)
+    return functions._name(func)
 
 
 def dispatch(collector: Collector, func, args, kwargs, run: Callable):
     """``run(func, args, kwargs)``; if the engine refuses it, record the offence and compute densely."""
-    from .functions import _sites_of
     try:
         return run(func, args, kwargs)
     except UnsupportedOperationError as e:
@@ -159,7 +156,7 @@ def dispatch(collector: Collector, func, args, kwargs, run: Callable):
                 except UnsupportedOperationError:
                     pass
         collector.record(op_name(func), _reason(str(e)))
-    refs = _sites_of((args, list(kwargs.values())))
+    refs = functions._sites_of((args, list(kwargs.values())))
     out = func(*_logical_dense(args), **_logical_dense(kwargs))
     return _rewrap(collector, out, refs[0] if refs else None)
 
@@ -197,3 +194,15 @@ def collecting(model: nn.Module) -> Iterator[Collector]:
         _state.collector = None
         for h in handles:
             h.remove()
+
+
+def torch_function(func, args, kwargs):
+    """Every torch function on a site tensor: ``engine.functions``' dispatch, or, inside a dry run, the
+    collecting ``dispatch`` around it (list every unsupported op, not just the first)."""
+    collector = active()
+    if collector is not None:
+        return dispatch(collector, func, args, kwargs, functions.dispatch)
+    return functions.dispatch(func, args, kwargs)
+
+
+install_torch_function(torch_function)

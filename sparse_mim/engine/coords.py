@@ -256,7 +256,7 @@ class PatchCoordinateManager(CoordinateManager):
         patches = images.reshape(b, c, hp, p, wp, p).permute(0, 2, 4, 3, 5, 1).reshape(b * hp * wp, p * p * c)
         tiles = self.tiles
         flat = (tiles[:, 0] * hp + tiles[:, 1]) * wp + tiles[:, 2]
-        from .ops.gather import gather_rows
+        from .gather import gather_rows
         return gather_rows(patches, flat).reshape(-1, c)
 
 

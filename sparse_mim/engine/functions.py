@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from .coords import SparseInputError
 from .errors import UnsupportedOperationError
-from .ops.gather import gather_rows
+from .gather import gather_rows
 from .ops.resample import upsample_nearest
+from .pad import FOLDS, PaddedSites, pad as pad_sites
 from .ops.sample import global_avg_pool, per_sample_sum
 from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 
@@ -575,7 +576,6 @@ _HANDLERS: Dict[Any, Callable] = {
 # -- zero padding before a window op (engine.pad) --------------------------------------------------------
 def _pad(x, pad, mode="constant", value=None):
     """``F.pad`` with zeros: kept for the convolution or max pool that reads it next (``engine.pad``)."""
-    from .pad import pad as pad_sites
     return pad_sites(x, pad, mode, value)
 
 
@@ -594,6 +594,8 @@ def _name(func) -> str:
 
 def dispatch(func, args, kwargs):
     """Run torch function ``func`` whose arguments include one of the engine's tensors."""
+    if any(isinstance(a, PaddedSites) for a in args):
+        raise UnsupportedOperationError(f"{_name(func)} of a zero-padded sparse map (F.pad): {FOLDS}")
     handler = _HANDLERS.get(func)
     if handler is not None:
         return handler(*args, **kwargs)

@@ -1,4 +1,6 @@
-"""The ``minkowski`` backend: the engine's ops on a ``SparseTensor`` computed by MinkowskiEngine.
+"""The ``minkowski`` backend: the engine's ops on a ``SparseTensor`` computed by MinkowskiEngine,
+registered as a table of ops (``engine.backend``); MinkowskiEngine itself is optional and imported
+only when the backend is asked for.
 
 Every op converts our tensor to an ``ME.SparseTensor`` on one ME ``CoordinateManager`` per batch (so
 ME builds and caches its kernel maps once per batch, as it would natively), runs the ME module, and
@@ -10,27 +12,66 @@ contiguous int32 tensors, and a key's ``get_key()`` is ``([strides], id)``, so m
 tuple of it.
 
 Weights stay in our dense layout (a checkpoint never depends on the backend): each call hands ME a
-view of them in its layout (``dense_kernel_to_me``) through ``torch.func.functional_call``, so
+view of them in its layout (``minkowski_layout.dense_kernel_to_me``) through ``torch.func.functional_call``, so
 gradients flow to our parameters. ME modules are kept as parameter-less templates per configuration.
 
 MinkowskiEngine 0.5.4 has no LayerNorm or GRN; like ConvNeXt V2's own ME port they are written on
 the ME tensor's features, GRN with ME's global sum pooling and broadcast, per sample (the port's
-norm over the whole batch is a known bug). Synced BatchNorm across ranks stays native.
+norm over the whole batch is a known bug). Synced BatchNorm across ranks, max pooling with a border
+value and average pooling that counts padding stay native (each op returns ``NotImplemented``).
 """
 from __future__ import annotations
+
+import collections
+import collections.abc
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .backend import import_minkowski
+from .backend import Backend, BackendError, register_backend
 from .coords import SparseInputError
-from .ops.gather import gather_rows
+from .gather import gather_rows
+from .minkowski_layout import dense_bias_to_me, dense_kernel_to_me
 from .ops.window import WindowGeometry
 from .tensor import SparseTensor
 
 __all__ = ["conv2d", "batch_norm", "layer_norm", "max_pool2d", "avg_pool2d", "grn", "global_avg_pool",
-           "to_minkowski", "from_minkowski", "supports_geometry"]
+           "to_minkowski", "from_minkowski", "supports_geometry", "import_minkowski", "MinkowskiUnavailableError",
+           "INSTALL_MINKOWSKI"]
+
+INSTALL_MINKOWSKI = (
+    "MinkowskiEngine 0.5.4 is built from source (CPU-only here): apt-get install -y libopenblas-dev "
+    "build-essential, then, in an environment that already has torch: SETUPTOOLS_USE_DISTUTILS=stdlib "
+    "MAX_JOBS=2 pip install --no-build-isolation MinkowskiEngine==0.5.4 (or pip install --no-build-isolation "
+    "-e \".[minkowski]\"); see docs/minkowski.md")
+
+
+class MinkowskiUnavailableError(BackendError, ImportError):
+    """backend='minkowski' was asked for, but MinkowskiEngine cannot be imported."""
+
+
+_ME = None
+
+
+def import_minkowski():
+    """``import MinkowskiEngine`` with the shims it needs on Python >= 3.10 (applied here only, never at
+    our package import), or a MinkowskiUnavailableError saying how to install it."""
+    global _ME
+    if _ME is not None:
+        return _ME
+    # ME 0.5.4 does `from collections import Sequence` (removed from `collections` in Python 3.10)
+    for name in ("Sequence", "Iterable", "Mapping"):
+        if not hasattr(collections, name):
+            setattr(collections, name, getattr(collections.abc, name))
+    try:
+        import MinkowskiEngine as ME
+    except ImportError as e:
+        raise MinkowskiUnavailableError(f"backend='minkowski' needs MinkowskiEngine, which cannot be imported "
+                                        f"({e}). {INSTALL_MINKOWSKI}") from None
+    _ME = ME
+    return ME
+
 
 _BRIDGE_KEY = "minkowski_bridge"
 
@@ -143,8 +184,6 @@ def _check_geometry(geom: WindowGeometry, what: str) -> None:
 
 
 def conv2d(x: SparseTensor, weight, bias, geom: WindowGeometry, groups: int) -> SparseTensor:
-    from ..convert.minkowski import dense_bias_to_me, dense_kernel_to_me
-
     _check_geometry(geom, "convolution")
     c_out, c_in_g, kh, kw = weight.shape
     depthwise = groups > 1 and groups == x.num_channels == c_out and c_in_g == 1
@@ -178,16 +217,21 @@ def _pool(x: SparseTensor, geom: WindowGeometry, kind: str) -> SparseTensor:
     return bridge.from_me(module(bridge.to_me(x)), x.stride * geom.stride)
 
 
-def max_pool2d(x: SparseTensor, geom: WindowGeometry) -> SparseTensor:
-    return _pool(x, geom, "Max")
+def max_pool2d(x: SparseTensor, geom: WindowGeometry, border: float | None = None):
+    """ME's max over active neighbours; a ``border`` value outside the image stays native."""
+    return _pool(x, geom, "Max") if border is None else NotImplemented
 
 
-def avg_pool2d(x: SparseTensor, geom: WindowGeometry) -> SparseTensor:
-    return _pool(x, geom, "Avg")
+def avg_pool2d(x: SparseTensor, geom: WindowGeometry, count_include_pad: bool = False):
+    """ME's mean over active neighbours; dividing by the window area (``count_include_pad``) stays native."""
+    return NotImplemented if count_include_pad else _pool(x, geom, "Avg")
 
 
-def batch_norm(x: SparseTensor, bn) -> SparseTensor:
-    """``ME.MinkowskiBatchNorm`` with ``bn``'s parameters and running buffers (updated in place)."""
+def batch_norm(x: SparseTensor, bn, group=None):
+    """``ME.MinkowskiBatchNorm`` with ``bn``'s parameters and running buffers (updated in place); synced
+    across ranks (a process ``group``) it stays native."""
+    if group is not None:
+        return NotImplemented
     track = bn.track_running_stats
     module = _template(("bn", bn.num_features, bn.eps, bn.momentum, bn.affine, track),
                        lambda ME: ME.MinkowskiBatchNorm(bn.num_features, eps=bn.eps, momentum=bn.momentum,
@@ -211,16 +255,19 @@ def layer_norm(x: SparseTensor, ln) -> SparseTensor:
     return _on_features(x, lambda f: F.layer_norm(f, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
 
 
-def grn(x: SparseTensor, weight, bias, eps: float) -> SparseTensor:
-    """GRN per sample: ME global sum pooling of x^2 -> L2 norm -> broadcast back over the sample's rows."""
-    from .ops.sample import _safe_sqrt
-
+def grn(x: SparseTensor, weight, bias, eps: float, mode: str) -> SparseTensor:
+    """GRN per sample: ME global sum pooling of x^2 -> L2 norm -> broadcast back over the sample's rows;
+    over the whole batch (``mode="batch"``) torch ops on the features, as the official MinkowskiGRN."""
+    if mode == "batch":
+        f = x.features
+        g = safe_sqrt((f * f).sum(0, keepdim=True))
+        return x.replace(f + torch.addcmul(bias, weight, f * (g / (g.mean(1, keepdim=True) + eps))))
     bridge = _bridge(x)
     ME = bridge.ME
     me = bridge.to_me(x)
     squares = ME.SparseTensor(me.F * me.F, coordinate_map_key=me.coordinate_map_key, coordinate_manager=me.coordinate_manager)
     sums = _template(("global_sum",), lambda ME: ME.MinkowskiGlobalSumPooling())(squares)
-    g = _safe_sqrt(sums.F)
+    g = safe_sqrt(sums.F)
     n = ME.SparseTensor(g / (g.mean(1, keepdim=True) + eps), coordinate_map_key=sums.coordinate_map_key,
                         coordinate_manager=sums.coordinate_manager)
     scaled = _template(("broadcast_mul",), lambda ME: ME.MinkowskiBroadcastMultiplication())(me, n)
@@ -229,9 +276,21 @@ def grn(x: SparseTensor, weight, bias, eps: float) -> SparseTensor:
     return bridge.from_me(out, x.stride)
 
 
+def safe_sqrt(s: torch.Tensor) -> torch.Tensor:
+    """sqrt with gradient 0 at 0 (the subgradient torch.norm uses), so all-zero channels give no NaN."""
+    positive = s > 0
+    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
+
+
 def global_avg_pool(x: SparseTensor) -> torch.Tensor:
     """(B, C): ``ME.MinkowskiGlobalAvgPooling``, its rows placed by their batch index."""
     bridge = _bridge(x)
     out = _template(("global_avg",), lambda ME: ME.MinkowskiGlobalAvgPooling())(bridge.to_me(x))
     batch = out.C[:, 0].long()
     return out.F.new_zeros(x.batch_size, out.F.shape[1]).index_copy(0, batch, out.F)
+
+
+register_backend(Backend(
+    "minkowski", ops={"conv2d": conv2d, "max_pool2d": max_pool2d, "avg_pool2d": avg_pool2d, "batch_norm": batch_norm,
+                      "layer_norm": layer_norm, "grn": grn, "global_avg_pool": global_avg_pool},
+    require=import_minkowski, devices=("cpu",), runs_on="the CPU build of MinkowskiEngine", cuda_graph=False))

@@ -18,11 +18,11 @@ import torch
 
 from .errors import UnsupportedOperationError
 from .ops.window import WindowGeometry
-from .tensor import SiteTensor
+from .tensor import SiteTensor, run_torch_function
 
-__all__ = ["PaddedSites", "pad", "fold_into_conv", "fold_into_max_pool"]
+__all__ = ["PaddedSites", "pad", "fold_into_conv", "fold_into_max_pool", "FOLDS"]
 
-_FOLDS = "only zero padding read next by a convolution or a max pool (folded into its window) is supported"
+FOLDS = "only zero padding read next by a convolution or a max pool (folded into its window) is supported"
 
 
 class PaddedSites:
@@ -65,14 +65,8 @@ class PaddedSites:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from . import collect
-        from .functions import _name
-
-        def refuse(func, args, kwargs):
-            raise UnsupportedOperationError(f"{_name(func)} of a zero-padded sparse map (F.pad): {_FOLDS}")
-        if collect.active() is not None:
-            return collect.dispatch(collect.active(), func, args, kwargs or {}, refuse)
-        return refuse(func, args, kwargs)
+        # the engine's handler refuses it (engine.functions.dispatch), or records it in a dry run
+        return run_torch_function(func, args, kwargs or {})
 
     def __getattr__(self, name: str):
         if not name.startswith("_") and callable(getattr(torch.Tensor, name, None)):
@@ -106,7 +100,7 @@ def pad(x, pad, mode: str = "constant", value: Optional[float] = None) -> Padded
         raise UnsupportedOperationError(
             f"F.pad(pad={tuple(pad)}, mode={mode!r}, value={value}) of a {shape} sparse tensor: only "
             "non-negative zero padding of the two spatial dims of an NCHW map, the same on both axes (left == "
-            f"top, right == bottom: windows are square), is supported, and {_FOLDS}")
+            f"top, right == bottom: windows are square), is supported, and {FOLDS}")
     return PaddedSites(x, pads)
 
 

@@ -9,9 +9,9 @@ needs it (same ops on the same inputs: bitwise the same values). Everything else
 The hooks replace autograd's own version check of saved tensors, so they do it themselves: a tensor
 (or a recipe's input) modified in place after it was saved raises the same RuntimeError autograd
 raises. ``saving()`` steps aside (saves everything as usual) when other saved-tensor hooks are active
-(activation checkpointing, offloading), so it never overrides them. ``ENABLED = False`` switches the
-whole mechanism off. Saved tensors carry no autograd history: a double backward
-(``create_graph=True``) through the sparse encoder raises, asking for ``ENABLED = False``.
+(activation checkpointing, offloading), so it never overrides them. ``use_settings(recompute=False)``
+switches the whole mechanism off. Saved tensors carry no autograd history: a double backward
+(``create_graph=True``) through the sparse encoder raises, asking for ``recompute=False``.
 
 Registered today: the rows of the CPU row BatchNorm (``ops.norm``) and a ReLU applied to them
 (``SparseTensor.apply``); other tensors are saved as usual.
@@ -24,10 +24,9 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ENABLED", "saving", "register", "recipe_of", "recording"]
+from .settings import current_settings
 
-#: Off: every activation is saved as autograd would (for measuring the difference).
-ENABLED = True
+__all__ = ["saving", "register", "recipe_of", "recording"]
 
 _recipes: dict = {}      # id(tensor) -> (weakref(tensor), version, fn, args)
 _depth = 0               # > 0 inside ``saving()``
@@ -79,8 +78,8 @@ def _pack(t: torch.Tensor):
 
 def _double_backward() -> RuntimeError:
     return RuntimeError("a double backward (create_graph=True) through the sparse encoder needs its saved "
-                        "activations' history: set sparse_mim.engine.recompute.ENABLED = False before the "
-                        "forward")
+                        "activations' history: run the forward inside "
+                        "sparse_mim.engine.use_settings(recompute=False)")
 
 
 def _unpack(packed):
@@ -102,7 +101,7 @@ def saving():
     """Save registered activations as recipes inside the block (no-op when off, without autograd, or
     when other saved-tensor hooks are already active)."""
     global _depth
-    if not ENABLED or not torch.is_grad_enabled() or _depth > 0 or \
+    if not current_settings().recompute or not torch.is_grad_enabled() or _depth > 0 or \
             torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         yield
         return

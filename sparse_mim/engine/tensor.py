@@ -14,12 +14,27 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import collect as _collect
 from . import recompute
-from .ops.gather import gather_rows
+from .gather import gather_rows
 from .coords import CoordinateManager, SiteCoordinateManager, SparseInputError
 
-__all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor"]
+__all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor", "install_torch_function", "run_torch_function"]
+
+#: How a torch function with a site tensor among its arguments runs: ``engine.collect`` installs its
+#: handler (the dispatch table of ``engine.functions``, or the dry run's collecting dispatch around it)
+#: when the engine is imported; both need this module's classes, so this module cannot import them.
+_torch_function: Optional[Callable] = None
+
+
+def install_torch_function(handler: Callable) -> None:
+    """Make ``handler(func, args, kwargs)`` run every torch function called on a site tensor."""
+    global _torch_function
+    _torch_function = handler
+
+
+def run_torch_function(func, args, kwargs):
+    """Run torch function ``func`` on arguments that include one of the engine's tensors (or maps)."""
+    return _torch_function(func, args, kwargs)
 
 
 class SiteTensor:
@@ -44,10 +59,7 @@ class SiteTensor:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        from .functions import dispatch
-        if _collect.active() is not None:  # sparsify()'s dry run: list every unsupported op, not just the first
-            return _collect.dispatch(_collect.active(), func, args, kwargs or {}, dispatch)
-        return dispatch(func, args, kwargs or {})
+        return _torch_function(func, args, kwargs or {})
 
     def _torch(self, name: str):
         """``x.name(...)`` for a torch.Tensor method ``name``: routed through ``__torch_function__``."""

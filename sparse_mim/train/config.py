@@ -66,11 +66,9 @@ def validate_config(cfg: DictConfig, world_size: int = 1) -> None:
     if cfg.data.decode == "gpu":
         errors += rules.needs_cuda("data.decode=gpu", cuda, "nvJPEG decodes the JPEGs",
                                    "use data.decode=tensor (the same decoding in the loader workers) or pil")
-    errors += rules.check_backend_usable([cfg.backend], cuda, "use backend=native on GPUs")
+    errors += rules.backend_errors([cfg.backend], cuda, cuda_graph=bool(t.cuda_graph))
     if t.cuda_graph:
         errors += rules.needs_cuda("train.cuda_graph=true", cuda, "CUDA graphs", "set train.cuda_graph=false")
-        if cfg.backend == "minkowski":
-            errors.append("train.cuda_graph=true captures our own engine; it cannot run with backend=minkowski")
         if world_size > 1 and t.grad_sync == "ddp":
             errors.append("train.cuda_graph=true under several processes averages gradients after backward, outside "
                           "the graph: use train.grad_sync=auto or allreduce, not ddp")

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sparse_mim.engine.minkowski_layout import (KernelLayoutError, dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense,
+                                                me_kernel_to_dense)
+
 from ..errors import ConversionError
-from ..minkowski import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense
 from ..timm_keys import timm_encoder_shapes
 from ..verify import key_problems, shapes_of
 
@@ -120,7 +122,10 @@ def _rename(state_dict: Mapping[str, torch.Tensor], to_timm: bool, table=None) -
         for pattern, rule in table:
             if m := pattern.fullmatch(key):
                 target = (rule.timm if to_timm else rule.fcmae).format(**m.groupdict())
-                out[target] = (rule.to_timm if to_timm else rule.to_fcmae)(value)
+                try:
+                    out[target] = (rule.to_timm if to_timm else rule.to_fcmae)(value)
+                except KernelLayoutError as e:
+                    raise ConversionError(f"{key}: {e}") from None
                 break
         else:
             unknown.append(key)

@@ -12,8 +12,9 @@ from collections.abc import Mapping
 
 import torch
 
+from sparse_mim.engine.minkowski_layout import KernelLayoutError, me_bias_to_dense, me_kernel_to_dense
+
 from ..errors import ConversionError
-from ..minkowski import me_bias_to_dense, me_kernel_to_dense
 from ..timm_keys import timm_encoder_shapes
 
 __all__ = ["KERNEL_SUFFIX", "is_minkowski_layout", "is_depthwise", "minkowski_to_timm"]
@@ -45,7 +46,7 @@ def minkowski_to_timm(encoder: Mapping[str, torch.Tensor], arch: str | None) -> 
                 raise ConversionError(f"ME kernel {key!r} has no convolution {name!r} in timm {arch!r}; check --arch")
             try:
                 out[name] = me_kernel_to_dense(value, shape[2:], depthwise=is_depthwise(shape))
-            except ConversionError as e:
+            except KernelLayoutError as e:
                 raise ConversionError(f"{key}: {e}") from None
         elif key.endswith(".bias") and value.dim() == 2 and value.shape[0] == 1:
             out[key] = me_bias_to_dense(value)

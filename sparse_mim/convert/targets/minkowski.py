@@ -15,9 +15,10 @@ from collections.abc import Mapping
 
 import torch
 
+from sparse_mim.engine.minkowski_layout import dense_bias_to_me, dense_kernel_to_me
+
 from ..layouts.fcmae import FCMAE_DECODER_GROUPS, ours_to_official_fcmae, timm_to_fcmae
 from ..layouts.minkowski import KERNEL_SUFFIX, is_depthwise
-from ..minkowski import dense_bias_to_me, dense_kernel_to_me
 from ..verify import require_state_dict
 from .timm import to_timm
 

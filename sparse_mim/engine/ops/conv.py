@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..backend import current_backend
+from ..execution import choose_path
+from ..gather import gather_rows, scatter_add_rows
+from ..settings import current_settings, use_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows, scatter_add_rows
-from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, neighbor_index, padded_tiles,
-                     tile_index, tile_rows)
+from .window import (WindowGeometry, canvas_rows, gather_neighbors, neighbor_index, padded_tiles, tile_index,
+                     tile_rows)
 
 __all__ = ["conv2d", "dense_conv2d"]
 
@@ -26,12 +27,13 @@ def conv2d(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor | None, geom:
         raise ValueError(f"conv expects {weight.shape[1] * groups} input channels, got {x.num_channels}")
     if isinstance(x, MaskedDenseTensor):
         return _masked_dense(x, weight, bias, geom, groups, out_stride)
-    if current_backend() == "minkowski":
-        from .. import minkowski
-        return minkowski.conv2d(x, weight, bias, geom, groups)
+    settings = current_settings()
+    delegate = settings.backend_op("conv2d")
+    if delegate is not None and (out := delegate(x, weight, bias, geom, groups)) is not NotImplemented:
+        return out
     if geom.pointwise and groups == 1:
         return _pointwise(x, weight, bias, geom, out_stride)
-    path = choose_path(x, geom, depthwise=groups > 1 and groups == x.num_channels)
+    path = choose_path(settings, x, geom, depthwise=groups > 1 and groups == x.num_channels)
     if path == "tiles":
         rows = _TileConv.apply(x.features, weight, bias, tile_index(x, geom), geom, groups,
                                x.manager.tile_side(out_stride))
@@ -71,6 +73,7 @@ class _GatherConv(torch.autograd.Function):
             out += bias
         ctx.save_for_backward(features, weight, nbr)
         ctx.has_bias = bias is not None
+        ctx.settings = current_settings()  # its backward gathers again (see engine.settings)
         return out
 
     @staticmethod
@@ -81,7 +84,8 @@ class _GatherConv(torch.autograd.Function):
         small = n < c_out
         g_features = g_w = g_b = None
         if ctx.needs_input_grad[1]:
-            neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
+            with use_settings(ctx.settings):
+                neigh = gather_rows(features, nbr.reshape(-1), 0.0).view(n, -1)
             if small:
                 g_w = (grad.t() @ _channel_major(neigh, k, c_in)).view(c_out, c_in, kh, kw)
             else:
@@ -125,13 +129,15 @@ class _TileConv(torch.autograd.Function):
         ctx.save_for_backward(features, weight_c, index)
         ctx.conf = (geom, groups, (out.shape[0], out.shape[1], t_out, t_out), bias is not None, weight.dtype,
                     None if bias is None else bias.dtype, dtype)
+        ctx.settings = current_settings()  # its backward gathers the tiles again (see engine.settings)
         return tile_rows(out, t_out)
 
     @staticmethod
     def backward(ctx, grad_rows):
         features, weight, index = ctx.saved_tensors
         geom, groups, out_shape, has_bias, w_dtype, b_dtype, dtype = ctx.conf
-        tiles = padded_tiles(features.to(dtype), index)
+        with use_settings(ctx.settings):
+            tiles = padded_tiles(features.to(dtype), index)
         n, c_out, t_out, _ = out_shape
         full = (tiles.shape[-1] - geom.dilation[0] * (geom.kernel[0] - 1) - 1) // geom.stride + 1
         grad = grad_rows.reshape(n, t_out, t_out, c_out).permute(0, 3, 1, 2)
@@ -146,7 +152,8 @@ class _TileConv(torch.autograd.Function):
             [want_input and not transposed, ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]])
         g_features = None
         if transposed:
-            g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
+            with use_settings(ctx.settings):
+                g_features = _transposed_tile_conv(grad_rows.to(dtype), weight, index, geom, groups)
             g_features = g_features.to(features.dtype)
         elif g_tiles is not None:
             rows = tile_rows(g_tiles, g_tiles.shape[-1])
@@ -222,17 +229,14 @@ class _DepthwiseConvPlainWeightGrad(torch.autograd.Function):
         return g_x, g_w, g_b, None, None, None, None
 
 
-#: A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
-#: weight gradient (``groups * 256 * kh * kw`` elements) exceeds this many times the input map: there
-#: the two copies are far smaller than that transient, and the NCHW GEMM is also faster (measured,
-#: weight gradient alone, 2 threads: 8 x 768 x 7 x 7, ratio 32, 30-37 ms against 39-42). Below, the
-#: padded kernel is the faster one (8 x 384 x 14 x 14, ratio 8: 40-63 ms against 16-21;
-#: 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms). 0 disables it.
-PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO = 16
-
-
 def _plain_weight_grad(dense: torch.Tensor, weight: torch.Tensor, geom: WindowGeometry, groups: int) -> bool:
-    ratio = PLAIN_DEPTHWISE_WEIGHT_GRAD_RATIO
+    """A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
+    weight gradient (``groups * 256 * kh * kw`` elements) exceeds ``plain_depthwise_weight_grad_ratio``
+    (``EngineSettings``) times the input map: there the two copies are far smaller than that transient,
+    and the NCHW GEMM is also faster (measured, weight gradient alone, 2 threads: 8 x 768 x 7 x 7,
+    ratio 32, 30-37 ms against 39-42). Below, the padded kernel is the faster one (8 x 384 x 14 x 14,
+    ratio 8: 40-63 ms against 16-21; 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms)."""
+    ratio = current_settings().plain_depthwise_weight_grad_ratio
     if not ratio or dense.device.type != "cpu" or dense.dtype != torch.float32 or not torch.is_grad_enabled() \
             or torch.is_autocast_enabled("cpu") or not weight.requires_grad \
             or groups == 1 or groups != dense.shape[1] or weight.shape[0] != groups or geom.pad_lo != geom.pad_hi \

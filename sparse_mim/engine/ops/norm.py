@@ -17,17 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import recompute
-from ..backend import current_backend
+from ..gather import gather_distinct_rows, gather_rows, scatter_rows
+from ..settings import current_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_distinct_rows, gather_rows, scatter_rows
 from .sample import per_sample_sum
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "sync_batch_norm_dense"]
-
-#: Masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters back;
-#: tests set this to take that path on CPU as well.
-GATHER_MASKED_ROWS = False
-
 
 def _momentum_and_mode(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[float, bool]:
     """Mirror torch's BatchNorm bookkeeping: (exponential average factor, use batch statistics)."""
@@ -111,14 +106,18 @@ def _rows(x: SiteTensor):
 def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
     """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites."""
     group = _sync_group(bn) if sync else None
-    if group is None and isinstance(x, SparseTensor) and current_backend() == "minkowski":
-        from .. import minkowski
-        return minkowski.batch_norm(x, bn)
+    settings = current_settings()
+    delegate = settings.backend_op("batch_norm") if isinstance(x, SparseTensor) else None
+    if delegate is not None and (out := delegate(x, bn, group)) is not NotImplemented:
+        return out
     if group is None and bn.weight is not None and bn.bias is not None:
         view = _rows(x)
         f = view[0] if view else None
+        # masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters
+        # back; ``gather_masked_rows`` takes that path on the CPU as well
+        gather_masked = settings.gather_masked_rows
         if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) \
-                and not GATHER_MASKED_ROWS:
+                and not gather_masked:
             factor, _ = _momentum_and_mode(bn)
             rows, index, back = view
             out, mean, var, scale, shift = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
@@ -129,7 +128,7 @@ def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = 
             return back(out)
         if isinstance(x, SparseTensor):
             return x.replace(_native_rows(x.features, bn))
-        if view and (f.is_cuda or GATHER_MASKED_ROWS):  # SparK's approach: BatchNorm1d on gathered rows
+        if view and (f.is_cuda or gather_masked):  # SparK's approach: BatchNorm1d on gathered rows
             rows, index, back = view
             active = _native_rows(gather_distinct_rows(rows, index), bn)
             return back(scatter_rows(active, index, rows.shape[0]))
@@ -211,10 +210,10 @@ def sync_batch_norm_dense(x: torch.Tensor, bn) -> torch.Tensor:
 
 def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
     """LayerNorm over the channels of each active site (channels_first and channels_last alike)."""
-    if isinstance(x, SparseTensor) and current_backend() == "minkowski":
-        from .. import minkowski
-        return minkowski.layer_norm(x, ln)
     if isinstance(x, SparseTensor):
+        delegate = current_settings().backend_op("layer_norm")
+        if delegate is not None and (out := delegate(x, ln)) is not NotImplemented:
+            return out
         return x.replace(F.layer_norm(x.features, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
     # SparK's reference: LayerNorm of the gathered active rows, written back into zeros; only those
     # rows (and the index) are kept for backward, not the whole map.

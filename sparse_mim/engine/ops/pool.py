@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from ..coords import SparseInputError
-from ..backend import current_backend
+from ..execution import choose_path
+from ..settings import current_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .window import (WindowGeometry, canvas_rows, choose_path, gather_neighbors, gather_tiles,
-                     tile_rows)
+from .window import WindowGeometry, canvas_rows, gather_neighbors, gather_tiles, tile_rows
 
 __all__ = ["max_pool2d", "avg_pool2d"]
 
@@ -79,10 +79,11 @@ def max_pool2d(x: SiteTensor, geom: WindowGeometry, border: float | None = None)
         out = _dense_max_pool(filled, geom) if border is None else _bordered_max_pool(filled, geom, border)
         out_active = x.manager.active_mask(out_stride)[:, None]
         return MaskedDenseTensor(out.masked_fill_(~out_active, 0.0), x.manager, out_stride)
-    if current_backend() == "minkowski" and border is None:
-        from .. import minkowski
-        return minkowski.max_pool2d(x, geom)
-    path = "canvas" if border is not None else choose_path(x, geom)
+    settings = current_settings()
+    delegate = settings.backend_op("max_pool2d")
+    if delegate is not None and (out := delegate(x, geom, border)) is not NotImplemented:
+        return out
+    path = "canvas" if border is not None else choose_path(settings, x, geom)
     if path == "canvas" and border is not None:
         dense = x.dense().masked_fill(~x.active_mask()[:, None], float("-inf"))
         rows = canvas_rows(_bordered_max_pool(dense, geom, border), x, out_stride)
@@ -116,10 +117,11 @@ def avg_pool2d(x: SiteTensor, geom: WindowGeometry, count_include_pad: bool = Fa
         if not count_include_pad:
             out = out / pool(mask).clamp(min=1e-12)
         return MaskedDenseTensor(out * x.manager.mask(out_stride, out.dtype), x.manager, out_stride)
-    if current_backend() == "minkowski" and not count_include_pad:
-        from .. import minkowski
-        return minkowski.avg_pool2d(x, geom)
-    path = choose_path(x, geom)
+    settings = current_settings()
+    delegate = settings.backend_op("avg_pool2d")
+    if delegate is not None and (out := delegate(x, geom, count_include_pad)) is not NotImplemented:
+        return out
+    path = choose_path(settings, x, geom)
     ones = x.replace(torch.ones_like(x.features[:, :1]))
     if path in ("tiles", "canvas"):
         if path == "tiles":

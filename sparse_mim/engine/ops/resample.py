@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..coords import SparseInputError
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows
+from ..gather import gather_rows
 
 __all__ = ["upsample_nearest", "space_to_depth"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..backend import current_backend
+from ..gather import gather_rows
+from ..settings import current_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .gather import gather_rows
 from .grn_rows import grn_rows, row_groups
 
 __all__ = ["global_avg_pool", "per_sample_sum", "grn", "GRN_MODES", "drop_path"]
@@ -38,9 +38,9 @@ def global_avg_pool(x: SiteTensor) -> torch.Tensor:
     if isinstance(x, MaskedDenseTensor):
         mask = x.mask()
         return x.dense_features.sum((2, 3)) / mask.sum((2, 3))
-    if current_backend() == "minkowski":
-        from .. import minkowski
-        return minkowski.global_avg_pool(x)
+    delegate = current_settings().backend_op("global_avg_pool")
+    if delegate is not None and (out := delegate(x)) is not NotImplemented:
+        return out
     counts = per_sample_sum(x, torch.ones_like(x.features[:, :1]))
     return per_sample_sum(x, x.features) / counts
 
@@ -57,20 +57,10 @@ def grn(x: SiteTensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e
         n = g / (g.mean(1, keepdim=True) + eps)
         out = d + torch.addcmul(bias.view(1, -1, 1, 1), weight.view(1, -1, 1, 1), d * n)
         return x.masked(out)
-    if current_backend() == "minkowski":
-        f = x.features
-        if mode == "batch":  # the official MinkowskiGRN: torch ops on the ME tensor's features
-            g = _safe_sqrt((f * f).sum(0, keepdim=True))
-            return x.replace(f + torch.addcmul(bias, weight, f * (g / (g.mean(1, keepdim=True) + eps))))
-        from .. import minkowski
-        return minkowski.grn(x, weight, bias, eps)
+    delegate = current_settings().backend_op("grn")
+    if delegate is not None and (out := delegate(x, weight, bias, eps, mode)) is not NotImplemented:
+        return out
     return x.replace(grn_rows(x.features, weight, bias, eps, row_groups(x, mode)))
-
-
-def _safe_sqrt(s: torch.Tensor) -> torch.Tensor:
-    """sqrt with gradient 0 at 0 (the subgradient torch.norm uses), so all-zero channels give no NaN."""
-    positive = s > 0
-    return torch.where(positive, torch.where(positive, s, torch.ones_like(s)).sqrt(), torch.zeros_like(s))
 
 
 def drop_path(x: SiteTensor, p: float, training: bool) -> SiteTensor:

@@ -2,7 +2,8 @@
 
 Every windowed op (convolution, max / average pooling) reads, for each output site, a k x k window
 of the input grid. Masked-dense semantics: inactive inputs read as a fill value (zero for
-convolution), and outputs exist only at active sites of the output stride. Execution paths:
+convolution), and outputs exist only at active sites of the output stride. Execution paths (which
+one an op takes: ``engine.execution``):
 
 * ``tiles``  (patch managers): gather each tile with its halo into a padded ``(tiles, T, T, C)``
   batch and run the dense op VALID on it; outputs are tile-major rows again.
@@ -11,50 +12,16 @@ convolution), and outputs exist only at active sites of the output stride. Execu
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from dataclasses import dataclass
 from typing import Tuple, Union
 
 import torch
 
 from ..coords import SparseInputError
+from ..gather import gather_rows
 from ..tensor import SparseTensor
-from .gather import gather_rows
 
-__all__ = ["WindowGeometry", "execution", "current_execution", "gather_tiles", "gather_neighbors",
-           "canvas_rows"]
-
-_state = threading.local()
-PATHS = ("auto", "tiles", "gather", "canvas", "implicit_gemm")
-
-
-@contextlib.contextmanager
-def execution(path: str = "auto", depthwise: str | None = None, small_tiles: str | None = None):
-    """Force the execution path of windowed ops inside the block (tests, benchmarks).
-
-    ``depthwise`` overrides the path of depthwise convolutions only (e.g. ``canvas`` for ConvNeXt's
-    7x7 depthwise while the dense convolutions use ``implicit_gemm``). ``small_tiles`` overrides both
-    for windowed ops on patch tiles smaller than 4x4 sites (stages 3-4 at 224 px), where a halo costs
-    4-49x the rows; benchmarks sweep these per device.
-    """
-    for p in (path, depthwise or "auto", small_tiles or "auto"):
-        if p not in PATHS:
-            raise ValueError(f"unknown execution path {p!r}; choose one of {PATHS}")
-    previous = (getattr(_state, "path", "auto"), getattr(_state, "depthwise", None),
-                getattr(_state, "small_tiles", None))
-    _state.path, _state.depthwise, _state.small_tiles = path, depthwise, small_tiles
-    try:
-        yield
-    finally:
-        _state.path, _state.depthwise, _state.small_tiles = previous
-
-
-def current_execution(depthwise: bool = False) -> str:
-    if depthwise and getattr(_state, "depthwise", None):
-        return _state.depthwise
-    return getattr(_state, "path", "auto")
-
+__all__ = ["WindowGeometry", "gather_tiles", "gather_neighbors", "canvas_rows"]
 
 def _pair(v) -> Tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
@@ -165,40 +132,3 @@ def canvas_rows(dense_out: torch.Tensor, x: SparseTensor, out_stride: int) -> to
     c = dense_out.shape[1]
     flat = x.manager.flat_site_index(out_stride)
     return gather_rows(dense_out.permute(0, 2, 3, 1).reshape(-1, c), flat)
-
-
-def choose_path(x: SparseTensor, geom: WindowGeometry, depthwise: bool = False) -> str:
-    small = getattr(_state, "small_tiles", None)
-    if small not in (None, "auto") and x.manager.tiled and x.manager.tile_side(x.stride) < 4:
-        return small
-    path = current_execution(depthwise)
-    if path == "tiles" and not x.manager.tiled:
-        return "gather"
-    if path != "auto":
-        return path
-    tile = x.manager.tile_side(x.stride) if x.manager.tiled else 0
-    return auto_path(geom, depthwise, tile, cuda=x.features.is_cuda and _triton_ready())
-
-
-def auto_path(geom: WindowGeometry, depthwise: bool, tile_side: int, cuda: bool) -> str:
-    """The measured choice (benchmarks/RESULTS.md); ``tile_side`` is 0 for non-patch managers."""
-    square = geom.kernel[0] == geom.kernel[1]
-    if cuda:
-        # H100 (bf16, batch 128): cuDNN on halo tiles beats the Triton kernel for ResNets' 3x3 convs
-        # on tiles of >= 4x4 sites; on 2x2 / 1x1 tiles (4-9x halo rows) the Triton kernel wins
-        # (ResNet-50 encoder 49.1 vs 52.6 ms), as it does for depthwise 7x7 (82.5 ms vs 84.5 canvas,
-        # 101 tiles) and for non-overlapping windows (ConvNeXt stem / downsampling).
-        overlapping = geom.kernel[0] > geom.stride or geom.pad_lo != (0, 0)
-        big_tiles = tile_side >= 4
-        return "tiles" if overlapping and big_tiles and square and not depthwise else "implicit_gemm"
-    # CPU (2 cores): halo tiles win while tiles are large (t >= 4, halo overhead <= 2.25x); on 2x2 /
-    # 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather their neighbours into one
-    # GEMM and depthwise convs run on the (small) dense canvas instead.
-    if tile_side >= 4 and square:
-        return "tiles"
-    return "canvas" if depthwise else "gather"
-
-
-def _triton_ready() -> bool:
-    from ...kernels import triton_available
-    return triton_available()

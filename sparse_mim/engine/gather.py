@@ -10,6 +10,8 @@ from typing import Optional
 
 import torch
 
+from .settings import current_settings
+
 __all__ = ["gather_rows", "gather_distinct_rows", "scatter_add_rows", "scatter_rows"]
 
 
@@ -94,15 +96,12 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, fill: Optional[float] = 
     return _gather(src, index, fill)
 
 
-#: CUDA gathers with a fill row run one Triton kernel instead of ``cat`` + ``index_select`` (which
-#: copies the whole source once more); benchmarks switch it off to measure the difference.
-FUSED_FILL_GATHER = True
-
-
 def _gather(src: torch.Tensor, index: torch.Tensor, fill: Optional[float]) -> torch.Tensor:
     if fill is None:
         return src.index_select(0, index)
-    from ...kernels.triton_gather import gather_rows_filled, gather_rows_filled_reference
-    if FUSED_FILL_GATHER:  # the kernel itself falls back to the reference off CUDA
+    from ..kernels.triton_gather import gather_rows_filled, gather_rows_filled_reference
+    # CUDA gathers with a fill row run one Triton kernel instead of ``cat`` + ``index_select`` (which
+    # copies the whole source once more); ``fused_fill_gather=False`` measures the difference
+    if current_settings().fused_fill_gather:  # the kernel itself falls back to the reference off CUDA
         return gather_rows_filled(src, index, fill)
     return gather_rows_filled_reference(src, index, fill)

@@ -1,4 +1,5 @@
-"""MinkowskiEngine <-> dense (torch.nn.Conv2d) weight layouts; pure tensor reshuffles.
+"""MinkowskiEngine <-> dense (torch.nn.Conv2d) weight layouts; pure tensor reshuffles, used by the
+``minkowski`` backend (our weights handed to ME modules) and by ``sparse_mim.convert`` (checkpoints).
 
 ME stores a conv kernel as `(K, C_in, C_out)`, K = kh * kw offsets. For coordinates `[b, h, w]`
 the offset index is `k = dh + kh * dw` (the first spatial axis varies fastest), and ME applies the
@@ -14,7 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .errors import ConversionError
+__all__ = ["KernelLayoutError", "me_kernel_to_dense", "dense_kernel_to_me", "me_bias_to_dense", "dense_bias_to_me"]
+
+
+class KernelLayoutError(ValueError):
+    """A weight's shape does not fit the layout it is converted from (ME kernel or Conv2d weight)."""
 
 
 def _stride_of(stride: int | tuple[int, int]) -> int:
@@ -41,25 +46,25 @@ def me_kernel_to_dense(
     volume = kh * kw
     if kernel.dim() == 3:
         if depthwise or kernel.shape[0] != volume:
-            raise ConversionError(
+            raise KernelLayoutError(
                 f"a (K, C_in, C_out) ME kernel of size {kh}x{kw} needs K = {volume}, "
                 f"found shape {tuple(kernel.shape)}" + (" (and is not depthwise)" if depthwise else "")
             )
         # index a + kh*b: reshape to [b, a, i, o], then move to [o, i, a, b]
         return kernel.reshape(kw, kh, *kernel.shape[1:]).permute(3, 2, 1, 0).contiguous()
     if kernel.dim() != 2:
-        raise ConversionError(f"expected a 2-D or 3-D ME kernel, found shape {tuple(kernel.shape)}")
+        raise KernelLayoutError(f"expected a 2-D or 3-D ME kernel, found shape {tuple(kernel.shape)}")
     if depthwise is None:
         depthwise = volume > 1
     if depthwise:
         if kernel.shape[0] != volume:
-            raise ConversionError(
+            raise KernelLayoutError(
                 f"a depthwise (K, C) ME kernel of size {kh}x{kw} needs K = {volume}, "
                 f"found shape {tuple(kernel.shape)}"
             )
         return kernel.reshape(kw, kh, -1).permute(2, 1, 0).unsqueeze(1).contiguous()
     if volume != 1:
-        raise ConversionError(
+        raise KernelLayoutError(
             f"a 2-D (C_in, C_out) ME kernel is 1x1, but kernel_size is {kh}x{kw}; pass "
             "depthwise=True for a channelwise kernel"
         )
@@ -72,11 +77,11 @@ def dense_kernel_to_me(weight: torch.Tensor, *, depthwise: bool = False, stride:
     MinkowskiEngine gives a stride-1 1x1 convolution; strided ones keep `(1, C_in, C_out)`); with
     `depthwise=True`, `(C, 1, kh, kw)` -> `(kh*kw, C)`."""
     if weight.dim() != 4:
-        raise ConversionError(f"expected a 4-D Conv2d weight, found shape {tuple(weight.shape)}")
+        raise KernelLayoutError(f"expected a 4-D Conv2d weight, found shape {tuple(weight.shape)}")
     c_out, c_in, kh, kw = weight.shape
     if depthwise:
         if c_in != 1:
-            raise ConversionError(
+            raise KernelLayoutError(
                 f"a depthwise Conv2d weight has shape (C, 1, kh, kw), found {tuple(weight.shape)}"
             )
         return weight[:, 0].permute(2, 1, 0).reshape(kh * kw, c_out).contiguous()
@@ -88,12 +93,12 @@ def dense_kernel_to_me(weight: torch.Tensor, *, depthwise: bool = False, stride:
 def me_bias_to_dense(bias: torch.Tensor) -> torch.Tensor:
     """`(1, C_out)` -> `(C_out,)`."""
     if bias.dim() != 2 or bias.shape[0] != 1:
-        raise ConversionError(f"an ME bias has shape (1, C_out), found {tuple(bias.shape)}")
+        raise KernelLayoutError(f"an ME bias has shape (1, C_out), found {tuple(bias.shape)}")
     return bias[0].contiguous()
 
 
 def dense_bias_to_me(bias: torch.Tensor) -> torch.Tensor:
     """`(C_out,)` -> `(1, C_out)`."""
     if bias.dim() != 1:
-        raise ConversionError(f"a Conv2d bias has shape (C_out,), found {tuple(bias.shape)}")
+        raise KernelLayoutError(f"a Conv2d bias has shape (C_out,), found {tuple(bias.shape)}")
     return bias[None].contiguous()
