@@ -338,7 +338,7 @@ def _refusal(model: nn.Module, found, failure) -> UnsupportedOperationError:
     head = (f"{n} glue operation(s) in the forward of {type(model).__name__} cannot run sparsely" if n else
             f"the sparse {type(model).__name__} fails in its dry run")
     err = UnsupportedOperationError(
-        f"{head}:\n" + "\n".join(lines) + "\nRewrite these lines with the ops listed in sparse_mim.engine.functions, "
+        f"{head}:\n" + "\n".join(lines) + "\nRewrite these lines with the ops listed in sparse_mim.engine.dispatch, "
         "use layers with sparse counterparts instead, or keep these modules out of the encoder (feature_modules=[...])",
         [(p, op) for p, op, _ in found.offences] + ([(failure[0], type(failure[1]).__name__)] if failure else []))
     if failure is not None:

@@ -154,7 +154,7 @@ def test_every_unsupported_glue_op_is_named_with_its_module_at_sparsify_time():
     lines = str(e.value).splitlines()
     assert lines[0] == "4 glue operation(s) in the forward of TwoBadOps cannot run sparsely:"
     assert lines[1].startswith("  stages.1 (Gate): torch.flip: ")
-    assert "sparse_mim.engine.functions" in lines[-1]
+    assert "sparse_mim.engine.dispatch" in lines[-1]
 
 
 def test_a_sparse_layer_that_computes_something_else_is_refused_naming_the_map_and_module(monkeypatch):

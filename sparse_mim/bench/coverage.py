@@ -295,19 +295,19 @@ def _running_module(model: nn.Module) -> Iterator[List[str]]:
 @contextlib.contextmanager
 def _recording_glue() -> Iterator[set]:
     """The names of the torch functions that reach the engine's ``__torch_function__`` inside the block."""
-    from sparse_mim.engine import functions
+    from sparse_mim.engine import dispatch as dispatch_table
     seen: set = set()
-    original = functions.dispatch
+    original = dispatch_table.dispatch
 
     def recording(func, args, kwargs):
         seen.add(getattr(func, "__name__", None) or repr(func))
         return original(func, args, kwargs)
 
-    functions.dispatch = recording
+    dispatch_table.dispatch = recording
     try:
         yield seen
     finally:
-        functions.dispatch = original
+        dispatch_table.dispatch = original
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,7 +1,7 @@
 """Collect mode: list every glue op of a model's ``forward`` that has no sparse meaning, in one run.
 
 Normally an unsupported torch function on a sparse tensor raises ``UnsupportedOperationError`` at
-once (``engine.functions``). ``sparsify()`` instead wants the whole list, with the module whose own
+once (``engine.dispatch``). ``sparsify()`` instead wants the whole list, with the module whose own
 ``forward`` called each op, so a user fixes a model in one round. Inside ``collecting(model)``:
 
 * forward pre/post hooks on every module keep a stack of the module paths that are running;
@@ -23,7 +23,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from . import functions
+from . import dispatch as dispatch_table
 from .errors import UnsupportedOperationError
 from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor, install_torch_function
 
@@ -140,7 +140,7 @@ def op_name(func) -> str:
     for spelled, space in (("torch.Tensor", torch.Tensor), ("torch", torch), ("torch.nn.functional", F)):
         if name and getattr(space, name, None) is func:
             return f"{spelled}.{name}"
-    return functions._name(func)
+    return dispatch_table._name(func)
 
 
 def dispatch(collector: Collector, func, args, kwargs, run: Callable):
@@ -156,7 +156,7 @@ def dispatch(collector: Collector, func, args, kwargs, run: Callable):
                 except UnsupportedOperationError:
                     pass
         collector.record(op_name(func), _reason(str(e)))
-    refs = functions._sites_of((args, list(kwargs.values())))
+    refs = dispatch_table._sites_of((args, list(kwargs.values())))
     out = func(*_logical_dense(args), **_logical_dense(kwargs))
     return _rewrap(collector, out, refs[0] if refs else None)
 
@@ -197,12 +197,12 @@ def collecting(model: nn.Module) -> Iterator[Collector]:
 
 
 def torch_function(func, args, kwargs):
-    """Every torch function on a site tensor: ``engine.functions``' dispatch, or, inside a dry run, the
+    """Every torch function on a site tensor: ``engine.dispatch``' dispatch, or, inside a dry run, the
     collecting ``dispatch`` around it (list every unsupported op, not just the first)."""
     collector = active()
     if collector is not None:
-        return dispatch(collector, func, args, kwargs, functions.dispatch)
-    return functions.dispatch(func, args, kwargs)
+        return dispatch(collector, func, args, kwargs, dispatch_table.dispatch)
+    return dispatch_table.dispatch(func, args, kwargs)
 
 
 install_torch_function(torch_function)

@@ -65,7 +65,7 @@ class PaddedSites:
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        # the engine's handler refuses it (engine.functions.dispatch), or records it in a dry run
+        # the engine's handler refuses it (engine.dispatch.dispatch), or records it in a dry run
         return run_torch_function(func, args, kwargs or {})
 
     def __getattr__(self, name: str):

@@ -12,7 +12,7 @@ engine's tensors through ``__torch_function__``), ``AdaptiveAvgPool2d(1)`` (per-
 active sites), ``Conv1d`` (ECA gates, dense (B, 1, C) input only), nearest ``Upsample`` by an integer
 factor (HRNet; its ``F.interpolate`` moves to the finer stride's active set), timm's ``GammaAct``
 (NFNet: an activation times a constant), and containers, whose own ``forward`` is glue code (see
-``engine.functions``).
+``engine.dispatch``).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ _KEPT_TYPES = (nn.Identity, nn.Dropout, nn.Sequential, nn.ModuleList, nn.ModuleD
     _optional("timm.layers.split_attn", "RadixSoftmax") + \
     _optional("timm.models.selecsls", "SelectSeq") + \
     _optional("timm.models.hgnet", "LearnableAffineBlock")  # glue: scale * x + bias with two scalar weights
-_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)  # kept: their F.interpolate runs in engine.functions
+_UPSAMPLE = (nn.Upsample, nn.UpsamplingNearest2d)  # kept: their F.interpolate runs in engine.dispatch
 _NOT_POINTWISE = (nn.MultiheadAttention, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)  # nn.Softmax: over channels
 
 
@@ -350,7 +350,7 @@ def sparsify_layers(model: nn.Module) -> nn.Module:
         raise UnsupportedLayerError(
             f"{len(refused)} layer(s) of {type(model).__name__} cannot run sparsely:\n{lines}\n"
             f"Supported layers: {', '.join(supported_layer_types())}, activations, dropout, Identity, "
-            "AdaptiveAvgPool2d(1), nearest Upsample and the glue ops of sparse_mim.engine.functions. Replace these "
+            "AdaptiveAvgPool2d(1), nearest Upsample and the glue ops of sparse_mim.engine.dispatch. Replace these "
             "layers or leave them out of the encoder.", [(p, t) for p, t, _ in refused])
     for path, m, parent, name in list(_walk(model)):
         if isinstance(m, _PADS):

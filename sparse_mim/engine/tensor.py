@@ -21,7 +21,7 @@ from .coords import CoordinateManager, SiteCoordinateManager, SparseInputError
 __all__ = ["SparseTensor", "MaskedDenseTensor", "SiteTensor", "install_torch_function", "run_torch_function"]
 
 #: How a torch function with a site tensor among its arguments runs: ``engine.collect`` installs its
-#: handler (the dispatch table of ``engine.functions``, or the dry run's collecting dispatch around it)
+#: handler (the dispatch table of ``engine.dispatch``, or the dry run's collecting dispatch around it)
 #: when the engine is imported; both need this module's classes, so this module cannot import them.
 _torch_function: Optional[Callable] = None
 
@@ -43,7 +43,7 @@ class SiteTensor:
     Both take part in torch's ``__torch_function__`` protocol, so the glue code of an ordinary
     model's ``forward`` (residual adds, functional activations, channel scaling, ``torch.cat``,
     ``permute`` around channels-last MLPs, squeeze-excitation means) runs on them unchanged;
-    ``sparse_mim.engine.functions`` holds the table of what is supported and why.
+    ``sparse_mim.engine.dispatch`` holds the table of what is supported and why.
     ``layout`` is the *logical* layout a dense model would see: ``"nchw"`` (the default) or
     ``"nhwc"`` after ``permute(0, 2, 3, 1)``; the data never moves (rows are layout-free, the
     masked-dense map stays NCHW).
@@ -129,7 +129,7 @@ class SiteTensor:
     def __getitem__(self, index):
         return self.__torch_function__(torch.Tensor.__getitem__, (type(self),), (self, index))
 
-    def __setitem__(self, index, value):  # refused by engine.functions with the op's name, not a TypeError
+    def __setitem__(self, index, value):  # refused by engine.dispatch with the op's name, not a TypeError
         self.__torch_function__(torch.Tensor.__setitem__, (type(self),), (self, index, value))
 
     def _same_kind(self, out: "SiteTensor") -> "SiteTensor":

@@ -5,7 +5,7 @@ from .linear import linear
 from .norm import batch_norm, group_norm, layer_norm
 from .pool import avg_pool2d, max_pool2d
 from .resample import space_to_depth, upsample_nearest
-from .sample import GRN_MODES, drop_path, global_avg_pool, grn, per_sample_sum
+from .per_sample import GRN_MODES, drop_path, global_avg_pool, grn, per_sample_sum
 from .window import WindowGeometry
 
 __all__ = ["conv2d", "linear", "batch_norm", "group_norm", "layer_norm", "avg_pool2d", "max_pool2d", "drop_path",

@@ -20,7 +20,7 @@ from .. import recompute
 from ..gather import gather_distinct_rows, gather_rows, scatter_rows
 from ..settings import current_settings
 from ..tensor import MaskedDenseTensor, SiteTensor, SparseTensor
-from .sample import per_sample_sum
+from .per_sample import per_sample_sum
 
 __all__ = ["batch_norm", "group_norm", "layer_norm", "sync_batch_norm_dense"]
 

@@ -40,7 +40,7 @@ from .errors import UnsupportedOperationError
 from .gather import gather_rows
 from .ops.resample import upsample_nearest
 from .pad import FOLDS, PaddedSites, pad as pad_sites
-from .ops.sample import global_avg_pool, per_sample_sum
+from .ops.per_sample import global_avg_pool, per_sample_sum
 from .tensor import MaskedDenseTensor, SiteTensor, SparseTensor
 
 __all__ = ["dispatch", "POINTWISE", "ZERO_PRESERVING"]
@@ -610,5 +610,5 @@ def _unsupported(func, args, kwargs):
         raise UnsupportedOperationError(f"{_name(func)} of a sparse tensor has no meaning")
     raise UnsupportedOperationError(
         f"{_name(func)} is not supported on sparse tensors (the engine runs the model's layers as sparse counterparts "
-        "and only the glue ops listed in sparse_mim.engine.functions between them); "
+        "and only the glue ops listed in sparse_mim.engine.dispatch between them); "
         "replace the code that calls it with a supported layer, or keep it out of the sparsified part")
