@@ -52,7 +52,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):
         y = self.mlp(self.norm(self.conv_dw(x)))
         if self.gamma is not None:
-            y = y.scale_channels(self.gamma)
+            y = y * self.gamma.view(-1, 1, 1)
         return self.drop_path(y) + x
 
 

@@ -6,7 +6,9 @@
 # rules + CUDA graph, side by side), bf16 (bench, eager), graph (bench, CUDA graph), fp32, floor,
 # scale (the GPU-decode test, then 50 pretraining steps eager vs train.cuda_graph=true vs the
 # graph under torchrun --nproc_per_node 1; STEPS="scale" runs only that, ~4 min), fcmae (ConvNeXt V2's
-# FCMAE encoder and step, sparse vs masked-dense, bf16 then float32, ConvNeXt V2-Tiny and -Base, ~3 min).
+# FCMAE encoder and step, sparse vs masked-dense, bf16 then float32, ConvNeXt V2-Tiny and -Base, ~3 min),
+# twins (each hand-tuned twin against sparsify of the same timm model, encoder bf16 batch 128, interleaved,
+# with peak memory; a twin no faster here nor on CPU can go, ~4 min; STEPS="twins" runs only that).
 # Needs hydra-core / omegaconf importable (PYTHONPATH may point to a folder holding them).
 # Every step has its own time limit and writes into $OUT as it goes, so a cut-off run still reports.
 set -uo pipefail
@@ -67,6 +69,12 @@ if want fcmae; then
     bench fcmae_bf16 120 "${common[@]}" method=fcmae 'models=[convnextv2_tiny,convnextv2_base]' 'mask_ratios=[0.6,0.75]'
     bench fcmae_fp32 60 batch_size=64 img_size=224 device=cuda warmup=2 repeats=4 dtype=float32 memory=false \
         'what=[encoder,step]' method=fcmae 'models=[convnextv2_tiny]' 'mask_ratios=[0.6]'
+fi
+if want twins; then
+    echo "== hand-tuned twins vs sparsify (encoder fwd+bwd, bf16, batch 128, 224 px, mask 0.6; ratio sparsify/twin)"
+    timeout 300 python benchmarks/twin_vs_sparsify.py --device cuda --bf16 --threads 0 --batch-size 128 --warmup 3 \
+        --repeats 10 --models resnet18 resnet50 resnet101 convnext_tiny convnext_base convnextv2_tiny \
+        --csv "$OUT/twins.csv" 2>&1 | tee "$OUT/twins.txt"
 fi
 if want scale; then
     echo "== data.decode=gpu: CUDA crops vs CPU crops"

@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from sparse_mim.engine import SparseTensor, use_settings
+from sparse_mim.engine import use_settings
 from sparse_mim.fcmae import build_fcmae, fcmae_len_keep
 from sparse_mim.spark import SparK, build_spark, len_keep, random_patch_mask
 
@@ -83,7 +83,7 @@ class WorkloadSpec:
 
 def feature_tensor(feature) -> torch.Tensor:
     """The tensor inside an encoder output (SparseTensor rows or a MaskedDenseTensor map)."""
-    return feature.features if isinstance(feature, SparseTensor) else feature.dense_features
+    return feature.data
 
 
 def _build(spec: WorkloadSpec) -> torch.nn.Module:

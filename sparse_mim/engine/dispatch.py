@@ -27,6 +27,10 @@ function, never a silent dense computation):
   takes its parent's value, on the manager's active set of that stride (HRNet, GhostNet V2).
 * ``F.avg_pool2d`` / ``F.max_pool2d`` called functionally: the sparse pooling layers' semantics.
 * ``F.pad`` with zeros right before a convolution or max pool: folded into its window (``engine.pad``).
+
+A ReLU of a BatchNorm's rows (inside ``engine.recompute.saving()``, as every sparse encoder's forward
+runs) is saved for backward as a recipe and rebuilt from the norm's input (``engine.recompute``), the
+same for a hand-tuned backbone's activation module and a sparsified model's ``nn.ReLU``.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from typing import Any, Callable, Dict
 import torch
 import torch.nn.functional as F
 
+from . import recompute
 from .coords import SparseInputError
 from .errors import UnsupportedOperationError
 from .gather import gather_rows
@@ -170,7 +175,9 @@ def _pointwise(func, args, kwargs):
         inplace = True
     else:
         inplace = _is_inplace(func)
-    data = func(*_unwrap(args, ref, what), **{k: _unwrap(v, ref, what) for k, v in kwargs.items()})
+    data = _relu_rebuilt_in_backward(func, args, kwargs)
+    if data is None:
+        data = func(*_unwrap(args, ref, what), **{k: _unwrap(v, ref, what) for k, v in kwargs.items()})
     if isinstance(ref, MaskedDenseTensor) and not _keeps_zeros(func, args):
         data = data * ref.mask()
     if inplace and isinstance(args[0], SiteTensor):
@@ -612,3 +619,15 @@ def _unsupported(func, args, kwargs):
         f"{_name(func)} is not supported on sparse tensors (the engine runs the model's layers as sparse counterparts "
         "and only the glue ops listed in sparse_mim.engine.dispatch between them); "
         "replace the code that calls it with a supported layer, or keep it out of the sparsified part")
+
+
+# -- ReLU of a BatchNorm, rebuilt in backward ---------------------------------------------------------------
+_RELU = _variants("relu")
+
+
+def _relu_rebuilt_in_backward(func, args, kwargs):
+    """``relu(x)`` saved as a recipe (``engine.recompute.relu``) when ``x``'s data is a registered
+    BatchNorm output, else None (the op runs as usual)."""
+    if func not in _RELU or len(args) != 1 or set(kwargs) - {"inplace"} or not recompute.recording():
+        return None
+    return recompute.relu(args[0].data)

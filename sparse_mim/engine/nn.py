@@ -348,9 +348,7 @@ class SparseActivation(nn.Module):
         self.fn = fn
 
     def forward(self, x):
-        if isinstance(x, SiteTensor):
-            return x.apply(self.fn)
-        return self.fn(x)
+        return self.fn(x)  # on the engine's tensors: engine.dispatch' pointwise dispatch
 
 
 class SparseReLU(SparseActivation):

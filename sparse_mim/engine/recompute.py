@@ -14,19 +14,23 @@ switches the whole mechanism off. Saved tensors carry no autograd history: a dou
 (``create_graph=True``) through the sparse encoder raises, asking for ``recompute=False``.
 
 Registered today: the rows of the CPU row BatchNorm (``ops.norm``) and a ReLU applied to them
-(``SparseTensor.apply``); other tensors are saved as usual.
+(``relu``, called by the engine's pointwise dispatch in ``engine.dispatch``: the same for a
+hand-tuned backbone's activation module and a sparsified model's own ``nn.ReLU``); other tensors are
+saved as usual.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .settings import current_settings
 
-__all__ = ["saving", "register", "recipe_of", "recording"]
+__all__ = ["saving", "register", "recipe_of", "recording", "relu"]
 
 _recipes: dict = {}      # id(tensor) -> (weakref(tensor), version, fn, args)
 _depth = 0               # > 0 inside ``saving()``
@@ -54,6 +58,37 @@ def recipe_of(t: torch.Tensor):
     if any(a._version != v for a, v in entry[3]):
         return None
     return entry[2], tuple(a for a, _ in entry[3])
+
+
+def relu(z: torch.Tensor) -> Optional[torch.Tensor]:
+    """``relu(z)`` saved as a recipe, when ``z`` is a registered one (a BatchNorm's rows): then neither
+    ``z`` nor the result is kept for backward, both are rebuilt from the norm's input. None when ``z``
+    is not registered (or outside ``saving()``): the caller applies its ReLU as usual."""
+    found = recipe_of(z) if _depth > 0 else None
+    if found is None:
+        return None
+    y = _ReLUOfRecipe.apply(z)
+    register(y, functools.partial(_relu_after, found[0]), *found[1])
+    return y
+
+
+def _relu_after(fn, *args):
+    return F.relu(fn(*args))
+
+
+class _ReLUOfRecipe(torch.autograd.Function):
+    """ReLU that saves its input (a registered recipe, so saved as that) instead of its output; the
+    gradient is torch's own ``threshold_backward``."""
+
+    @staticmethod
+    def forward(ctx, z):
+        ctx.save_for_backward(z)
+        return F.relu(z)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (z,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(grad, z, 0)
 
 
 class _Recipe:

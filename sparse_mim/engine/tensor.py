@@ -9,12 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Tuple
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
-from . import recompute
 from .gather import gather_rows
 from .coords import CoordinateManager, SiteCoordinateManager, SparseInputError
 
@@ -38,7 +34,8 @@ def run_torch_function(func, args, kwargs):
 
 
 class SiteTensor:
-    """Behaviour shared by both containers: stride, manager, elementwise ops.
+    """Behaviour shared by both containers: stride, manager, and every torch op (elementwise ones
+    included) through ``__torch_function__``.
 
     Both take part in torch's ``__torch_function__`` protocol, so the glue code of an ordinary
     model's ``forward`` (residual adds, functional activations, channel scaling, ``torch.cat``,
@@ -240,45 +237,10 @@ class SparseTensor(SiteTensor):
         t = self.manager.tile_side(self.stride)
         return self.features.view(-1, t, t, self.features.shape[1])
 
-    # -- elementwise -------------------------------------------------------------------------------
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "SparseTensor":
-        if fn in _RELU and recompute.recording():
-            found = recompute.recipe_of(self.features)
-            if found is not None:  # ReLU of a BatchNorm: both rebuilt in backward from the norm's input
-                y = _ReLUOfRecipe.apply(self.features)
-                recompute.register(y, functools.partial(_relu_after, found[0]), *found[1])
-                return self.replace(y)
-        return self.replace(fn(self.features))
-
-    def scale_channels(self, gamma: torch.Tensor) -> "SparseTensor":
-        return self.replace(self.features * gamma)
-
     def __repr__(self) -> str:
         return (f"SparseTensor(rows={self.features.shape[0]}, channels={self.features.shape[1]}, "
                 f"stride={self.stride}, spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
                 f"dtype={self.features.dtype}, device={self.features.device})")
-
-
-_RELU = (torch.relu, torch.relu_, F.relu, F.relu_)
-
-
-def _relu_after(fn, *args):
-    return F.relu(fn(*args))
-
-
-class _ReLUOfRecipe(torch.autograd.Function):
-    """ReLU that saves its input (a registered recipe, so saved as that) instead of its output; the
-    gradient is torch's own ``threshold_backward``."""
-
-    @staticmethod
-    def forward(ctx, z):
-        ctx.save_for_backward(z)
-        return F.relu(z)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return torch.ops.aten.threshold_backward(grad, z, 0)
 
 
 class MaskedDenseTensor(SiteTensor):
@@ -325,13 +287,6 @@ class MaskedDenseTensor(SiteTensor):
         """Rows of the active sites, in the manager's row order (for comparing with a sparse run)."""
         return SparseTensor(SparseTensor._gather_sites(self.dense_features, self.manager, self.stride),
                             manager=self.manager, stride=self.stride)
-
-    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], zero_preserving: bool = True) -> "MaskedDenseTensor":
-        out = fn(self.dense_features)
-        return self.replace(out) if zero_preserving else self.masked(out)
-
-    def scale_channels(self, gamma: torch.Tensor) -> "MaskedDenseTensor":
-        return self.replace(self.dense_features * gamma.view(1, -1, 1, 1))
 
     def __repr__(self) -> str:
         return (f"MaskedDenseTensor(shape={tuple(self.dense_features.shape)}, stride={self.stride}, "

@@ -68,7 +68,7 @@ def drop_path(x: SiteTensor, p: float, training: bool) -> SiteTensor:
     if p == 0.0 or not training:
         return x
     keep = 1.0 - p
-    dtype = x.features.dtype if isinstance(x, SparseTensor) else x.dense_features.dtype
+    dtype = x.data.dtype
     device = x.manager.device
     scale = torch.empty(x.batch_size, dtype=dtype, device=device).bernoulli_(keep) / keep
     if isinstance(x, MaskedDenseTensor):
