@@ -68,8 +68,8 @@ def _uptime() -> str:
 
 
 def _pointwise_names() -> set:
-    from sparse_mim.engine import functions
-    return {getattr(f, "__name__", "") for f in getattr(functions, "POINTWISE", ())}
+    from sparse_mim.engine import dispatch as dispatch_table
+    return {getattr(f, "__name__", "") for f in dispatch_table.POINTWISE}
 
 
 # -- running -------------------------------------------------------------------------------------------------

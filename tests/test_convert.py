@@ -589,7 +589,7 @@ def test_cli_reports_errors_on_stderr_with_exit_code_2(tmp_path, capsys):
 
 
 def _official_convnext_names(timm_state: dict) -> dict:
-    """timm ConvNeXt keys -> the facebookresearch/ConvNeXt names the reference SparK saves."""
+    """timm ConvNeXt keys -> the facebookresearch/ConvNeXt names the official SparK saves."""
     import re
     out = {}
     for k, v in timm_state.items():
@@ -602,8 +602,8 @@ def _official_convnext_names(timm_state: dict) -> dict:
     return out
 
 
-def test_reference_spark_convnext_checkpoint_converts_to_timm_with_identical_features(tmp_path):
-    """The reference SparK's whole-model checkpoint ('module': SparK state, official ConvNeXt names)."""
+def test_official_spark_convnext_checkpoint_converts_to_timm_with_identical_features(tmp_path):
+    """The official SparK's whole-model checkpoint ('module': SparK state, official ConvNeXt names)."""
     dense = timm.create_model("convnext_tiny").eval()
     with torch.no_grad():
         for p in dense.parameters():
@@ -675,7 +675,7 @@ def test_detectron2_pickle_loads_under_numpy_1(tmp_path):
 
 
 def test_official_spark_state_dict_with_config_converts_and_its_config_checks_the_arch(tmp_path):
-    """Reference SparK's <model>_withdecoder_1kpretrained_spark_style.pth: 'module' holds
+    """Official SparK's <model>_withdecoder_1kpretrained_spark_style.pth: 'module' holds
     SparK.state_dict(with_config=True), the tensors plus a 'config' dict."""
     encoder = small_encoder("resnet18")
     config = {"mask_ratio": 0.6, "densify_norm_str": "bn", "sbn": False, "hierarchy": 4,

@@ -29,7 +29,7 @@ def _assert_same(found: dict, expected: dict) -> None:
 
 
 def _official_convnext_names(state: dict) -> dict:
-    """timm ConvNeXt keys -> the official ConvNeXt names the reference SparK's ConvNeXts use."""
+    """timm ConvNeXt keys -> the official ConvNeXt names the official SparK's ConvNeXts use."""
     out = {}
     for k, v in state.items():
         k = k.replace("stem.0.", "downsample_layers.0.0.").replace("stem.1.", "downsample_layers.0.1.")
@@ -66,7 +66,7 @@ def test_an_encoder_export_is_a_state_dict_whose_arch_is_its_metadata(tmp_path):
         "resnet18", "timm", "state-dict", None, {})
 
 
-def test_the_reference_spark_model_is_read_with_its_config_and_decoder():
+def test_the_official_spark_model_is_read_with_its_config_and_decoder():
     encoder = _encoder("resnet18")
     config = {"hierarchy": 4, "dense_decoder.width": 64}
     module = {**{f"sparse_encoder.sp_cnn.{k}": v for k, v in encoder.items()},
@@ -74,7 +74,7 @@ def test_the_reference_spark_model_is_read_with_its_config_and_decoder():
               "config": config}
     ckpt = read({"arch": "resnet18", "module": module, "optimizer": {"state": {}, "param_groups": []}})
     _assert_same(ckpt.encoder, encoder)
-    assert (ckpt.layout, ckpt.source, ckpt.method, ckpt.spark_config) == ("timm", "reference-spark", "spark", config)
+    assert (ckpt.layout, ckpt.source, ckpt.method, ckpt.spark_config) == ("timm", "official-spark", "spark", config)
     assert "dense_decoder.dec.0.conv.weight" in ckpt.weights and "config" not in ckpt.weights
 
 
@@ -163,7 +163,7 @@ def test_pretrain_init_from_goes_through_read(tmp_path, files_read):
     ({"hierarchy": 3}, "hierarchy=3"),
     ({"hierarchy": 4, "arch": "resnet50"}, "pretrained as resnet50, you asked for resnet18; pass model=resnet50"),
 ])
-def test_init_from_checks_the_reference_spark_config_like_convert(tmp_path, config, message):
+def test_init_from_checks_the_official_spark_config_like_convert(tmp_path, config, message):
     """init_from used to drop the config entry unchecked: a file of another hierarchy or arch loaded."""
     from sparse_mim.spark import build_spark
     from sparse_mim.train import ConfigError

@@ -44,8 +44,8 @@ def _assert_loaded(model, source, groups):
             assert not same, f"{key} should have stayed fresh"
 
 
-def _reference_spark_layout(model, width, wrap):
-    """The reference SparK's ``SparK.state_dict(with_config=True)``: ``sparse_encoder.sp_cnn.*``,
+def _official_spark_layout(model, width, wrap):
+    """The official SparK's ``SparK.state_dict(with_config=True)``: ``sparse_encoder.sp_cnn.*``,
     ``dense_decoder.dec.i.up_sample`` / ``.conv``, ``dense_decoder.proj``, three unused buffers and a
     ``config`` dict; ``wrap`` puts it under ``module`` as its training checkpoints do."""
     state = {}
@@ -79,10 +79,10 @@ def test_timm_state_dict_initialises_the_encoder_and_leaves_the_rest_fresh(tmp_p
 
 
 @pytest.mark.parametrize("wrap", [False, True], ids=["withdecoder_spark_style", "still_pretraining"])
-def test_reference_spark_files_load_encoder_densify_mask_tokens_and_decoder(tmp_path, wrap):
+def test_official_spark_files_load_encoder_densify_mask_tokens_and_decoder(tmp_path, wrap):
     source = _source()
     path = tmp_path / "resnet18_withdecoder_1kpretrained_spark_style.pth"
-    torch.save(_reference_spark_layout(source, 64, wrap), path)
+    torch.save(_official_spark_layout(source, 64, wrap), path)
     model = _fresh()
     report = init_from(model, path, "resnet18")
     _assert_loaded(model, source, ("encoder", *HEAD))
@@ -112,7 +112,7 @@ def test_our_encoder_export_loads_the_encoder_and_its_arch_is_checked(tmp_path):
         init_from(_fresh("resnet34"), path, "resnet34")
 
 
-def test_official_convnext_names_of_the_reference_encoder_file_are_renamed(tmp_path):
+def test_official_convnext_names_of_the_official_encoder_file_are_renamed(tmp_path):
     from test_convert import _official_convnext_names
 
     dense = timm.create_model("convnext_tiny")  # seeded 0 by conftest, the fresh model 123
@@ -136,7 +136,7 @@ def test_another_architecture_is_refused_listing_the_keys_and_nothing_changes(tm
 
 def test_a_decoder_of_another_width_is_refused_naming_the_width(tmp_path):
     path = tmp_path / "spark_style.pth"
-    torch.save(_reference_spark_layout(_source(width=128), 128, wrap=False), path)
+    torch.save(_official_spark_layout(_source(width=128), 128, wrap=False), path)
     model = _fresh(width=64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ConfigError, match=r"wrong shape(.|\n)*decoder_width=128"):

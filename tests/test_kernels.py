@@ -1,5 +1,5 @@
-"""Gather convolutions: the PyTorch reference against dense convolution, the Triton kernels against
-the reference, and the inverse neighbour map.
+"""Gather convolutions: the plain-PyTorch version against dense convolution, the Triton kernels against
+it, and the inverse neighbour map.
 
 The Triton tests (named ``test_triton_*``) run on CUDA when there is a GPU. On a CPU-only machine
 they run in the Triton interpreter, which must be switched on before Triton is imported, so
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 from sparse_mim.kernels import (
     gather_conv,
-    gather_conv_reference,
+    gather_conv_torch,
     gather_depthwise_conv,
-    gather_depthwise_reference,
+    gather_depthwise_torch,
     invert_neighbor_map,
 )
 
@@ -89,8 +89,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def reference_grads(fn, inputs, nbr, dout):
-    """Output and gradients of a float64 reference ``fn(x, weight, nbr, *rest)`` on the CPU, at
+def torch_grads(fn, inputs, nbr, dout):
+    """Output and gradients of a float64 plain-PyTorch ``fn(x, weight, nbr, *rest)`` on the CPU, at
     the given ``inputs`` = [x, weight, *rest]."""
     leaves = [t.detach().cpu().double().requires_grad_() for t in inputs]
     out = fn(leaves[0], leaves[1], nbr.cpu(), *leaves[2:])
@@ -114,10 +114,10 @@ def dense_setup(case: str, seed: int):
 
 
 # --------------------------------------------------------------------------------------------
-# The reference is masked-dense convolution evaluated at the active sites
+# The plain-PyTorch gather convolution is masked-dense convolution evaluated at the active sites
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(DENSE_CASES))
-def test_reference_conv_equals_dense_conv_of_masked_image_at_active_sites(case):
+def test_torch_gather_conv_equals_dense_conv_of_masked_image_at_active_sites(case):
     k, stride, pad, in_mask, out_mask, nbr, gen = dense_setup(case, seed=1)
     c_in, c_out = 3, 5
     feats = torch.randn(int(in_mask.sum()), c_in, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -126,7 +126,7 @@ def test_reference_conv_equals_dense_conv_of_masked_image_at_active_sites(case):
 
     dense = F.conv2d(masked_image(feats, in_mask), w, b, stride=stride, padding=pad)
     dense = dense.permute(0, 2, 3, 1)[out_mask]
-    sparse = gather_conv_reference(feats, dense_to_gather_weight(w), nbr, b)
+    sparse = gather_conv_torch(feats, dense_to_gather_weight(w), nbr, b)
     torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-10)
 
     dout = torch.randn(dense.shape, generator=gen, dtype=torch.float64)
@@ -137,7 +137,7 @@ def test_reference_conv_equals_dense_conv_of_masked_image_at_active_sites(case):
 
 
 @pytest.mark.parametrize("case", list(DENSE_CASES))
-def test_reference_depthwise_equals_dense_grouped_conv_of_masked_image(case):
+def test_torch_gather_depthwise_equals_dense_grouped_conv_of_masked_image(case):
     k, stride, pad, in_mask, out_mask, nbr, gen = dense_setup(case, seed=2)
     c = 6
     feats = torch.randn(int(in_mask.sum()), c, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -147,7 +147,7 @@ def test_reference_depthwise_equals_dense_grouped_conv_of_masked_image(case):
     dense = F.conv2d(masked_image(feats, in_mask), w, b, stride=stride, padding=pad, groups=c)
     dense = dense.permute(0, 2, 3, 1)[out_mask]
     w_gather = w[:, 0].permute(1, 2, 0).reshape(k * k, c)
-    sparse = gather_depthwise_reference(feats, w_gather, nbr, b)
+    sparse = gather_depthwise_torch(feats, w_gather, nbr, b)
     torch.testing.assert_close(sparse, dense, rtol=1e-10, atol=1e-10)
 
     dout = torch.randn(dense.shape, generator=gen, dtype=torch.float64)
@@ -157,26 +157,26 @@ def test_reference_depthwise_equals_dense_grouped_conv_of_masked_image(case):
         torch.testing.assert_close(gs, gd, rtol=1e-10, atol=1e-10, msg=f"grad {name}")
 
 
-def test_reference_input_gradient_is_a_gather_through_the_inverse_map():
+def test_torch_gather_input_gradient_is_a_gather_through_the_inverse_map():
     # The identity the Triton backward relies on: dx = sum_k dout[nbr_inv[:, k]] @ weight[k]^T.
     gen = torch.Generator().manual_seed(3)
     nbr = random_map(n_out=30, n_in=45, K=9, p_missing=0.4, seed=3)
     x = torch.randn(45, 5, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 5, 7, generator=gen, dtype=torch.float64)
     dout = torch.randn(30, 7, generator=gen, dtype=torch.float64)
-    (dx,) = torch.autograd.grad(gather_conv_reference(x, w, nbr), x, dout)
-    via_inverse = gather_conv_reference(dout, w.transpose(1, 2), invert_neighbor_map(nbr, 45))
+    (dx,) = torch.autograd.grad(gather_conv_torch(x, w, nbr), x, dout)
+    via_inverse = gather_conv_torch(dout, w.transpose(1, 2), invert_neighbor_map(nbr, 45))
     torch.testing.assert_close(dx, via_inverse, rtol=1e-12, atol=1e-12)
 
 
-def test_reference_depthwise_input_gradient_is_a_gather_through_the_inverse_map():
+def test_torch_gather_depthwise_input_gradient_is_a_gather_through_the_inverse_map():
     gen = torch.Generator().manual_seed(4)
     nbr = random_map(n_out=30, n_in=45, K=9, p_missing=0.4, seed=4)
     x = torch.randn(45, 6, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 6, generator=gen, dtype=torch.float64)
     dout = torch.randn(30, 6, generator=gen, dtype=torch.float64)
-    (dx,) = torch.autograd.grad(gather_depthwise_reference(x, w, nbr), x, dout)
-    via_inverse = gather_depthwise_reference(dout, w, invert_neighbor_map(nbr, 45))
+    (dx,) = torch.autograd.grad(gather_depthwise_torch(x, w, nbr), x, dout)
+    via_inverse = gather_depthwise_torch(dout, w, invert_neighbor_map(nbr, 45))
     torch.testing.assert_close(dx, via_inverse, rtol=1e-12, atol=1e-12)
 
 
@@ -207,13 +207,13 @@ def test_inverse_of_a_map_with_no_reads_is_all_missing():
 # --------------------------------------------------------------------------------------------
 # Dispatch and argument checks
 # --------------------------------------------------------------------------------------------
-def test_float64_is_computed_by_the_reference():
+def test_float64_is_computed_by_plain_pytorch():
     nbr = random_map(n_out=12, n_in=10, K=4, p_missing=0.3, seed=7)
     x = torch.randn(10, 3, dtype=torch.float64)
     w = torch.randn(4, 3, 2, dtype=torch.float64)
     wd = torch.randn(4, 3, dtype=torch.float64)
-    assert torch.equal(gather_conv(x, w, nbr), gather_conv_reference(x, w, nbr))
-    assert torch.equal(gather_depthwise_conv(x, wd, nbr), gather_depthwise_reference(x, wd, nbr))
+    assert torch.equal(gather_conv(x, w, nbr), gather_conv_torch(x, w, nbr))
+    assert torch.equal(gather_depthwise_conv(x, wd, nbr), gather_depthwise_torch(x, wd, nbr))
 
 
 def test_gather_conv_rejects_a_weight_with_the_wrong_input_channels():
@@ -235,7 +235,7 @@ def test_gather_conv_rejects_a_map_whose_width_is_not_the_kernel_size():
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernels against the reference (CUDA, or the interpreter in a subprocess)
+# Triton kernels against the plain-PyTorch versions (CUDA, or the interpreter in a subprocess)
 # --------------------------------------------------------------------------------------------
 # (n_in, n_out, c_in, c_out, K, with_bias, pass_inverse)
 CONV_CASES = {
@@ -265,11 +265,11 @@ def conv_inputs(n_in, n_out, c_in, c_out, K, seed, dtype=torch.float32):
 
 @needs_triton
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_triton_conv_forward_matches_reference(case):
+def test_triton_conv_forward_matches_plain_pytorch(case):
     n_in, n_out, c_in, c_out, K, with_bias, _ = CONV_CASES[case]
     x, w, b, dout, nbr = conv_inputs(n_in, n_out, c_in, c_out, K, seed=11)
     out = gather_conv(x, w, nbr, bias=b if with_bias else None)
-    ref = gather_conv_reference(x.cpu().double(), w.cpu().double(), nbr.cpu(),
+    ref = gather_conv_torch(x.cpu().double(), w.cpu().double(), nbr.cpu(),
                                 b.cpu().double() if with_bias else None)
     assert out.dtype == torch.float32 and out.shape == (n_out, c_out)
     torch.testing.assert_close(out.cpu().double(), ref, rtol=1e-4, atol=1e-4)
@@ -277,14 +277,14 @@ def test_triton_conv_forward_matches_reference(case):
 
 @needs_triton
 @pytest.mark.parametrize("case", list(CONV_CASES))
-def test_triton_conv_gradients_match_reference(case):
+def test_triton_conv_gradients_match_plain_pytorch(case):
     n_in, n_out, c_in, c_out, K, with_bias, pass_inverse = CONV_CASES[case]
     x, w, b, dout, nbr = conv_inputs(n_in, n_out, c_in, c_out, K, seed=12)
     inputs = [x, w, b] if with_bias else [x, w]
     leaves = [t.clone().requires_grad_() for t in inputs]
     nbr_inv = invert_neighbor_map(nbr, n_in) if pass_inverse else None
     grads = torch.autograd.grad(gather_conv(leaves[0], leaves[1], nbr, nbr_inv, *leaves[2:]), leaves, dout)
-    _, ref = reference_grads(gather_conv_reference, inputs, nbr, dout)
+    _, ref = torch_grads(gather_conv_torch, inputs, nbr, dout)
     for name, g, r in zip(("x", "weight", "bias"), grads, ref):
         assert g.dtype == torch.float32
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
@@ -292,7 +292,7 @@ def test_triton_conv_gradients_match_reference(case):
 
 @needs_triton
 @pytest.mark.parametrize("case", list(DEPTHWISE_CASES))
-def test_triton_depthwise_forward_and_gradients_match_reference(case):
+def test_triton_depthwise_forward_and_gradients_match_plain_pytorch(case):
     n_in, n_out, c, K, with_bias, pass_inverse = DEPTHWISE_CASES[case]
     gen = torch.Generator().manual_seed(13)
     x, w, b = (torch.randn(s, generator=gen) for s in ((n_in, c), (K, c), (c,)))
@@ -305,7 +305,7 @@ def test_triton_depthwise_forward_and_gradients_match_reference(case):
     nbr_inv = invert_neighbor_map(nbr, n_in) if pass_inverse else None
     out = gather_depthwise_conv(leaves[0], leaves[1], nbr, nbr_inv, *leaves[2:])
     grads = torch.autograd.grad(out, leaves, dout)
-    ref_out, ref = reference_grads(gather_depthwise_reference, inputs, nbr, dout)
+    ref_out, ref = torch_grads(gather_depthwise_torch, inputs, nbr, dout)
     torch.testing.assert_close(out.detach().cpu().double(), ref_out, rtol=1e-4, atol=1e-4)
     for name, g, r in zip(("x", "weight", "bias"), grads, ref):
         torch.testing.assert_close(g.cpu().double(), r, rtol=1e-4, atol=1e-4, msg=f"grad {name}")
@@ -319,7 +319,7 @@ def test_triton_conv_in_half_precision_is_close_to_float64_on_the_same_inputs(dt
     leaves = [t.clone().requires_grad_() for t in (x, w, b)]
     out = gather_conv(leaves[0], leaves[1], nbr, bias=leaves[2])
     grads = torch.autograd.grad(out, leaves, dout)
-    ref_out, ref = reference_grads(gather_conv_reference, [x, w, b], nbr, dout)
+    ref_out, ref = torch_grads(gather_conv_torch, [x, w, b], nbr, dout)
     assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     assert rel_err(out.detach().cpu(), ref_out) < tol
     for name, g, r in zip(("x", "weight", "bias"), grads, ref):
@@ -333,7 +333,7 @@ def test_triton_depthwise_in_bfloat16_is_close_to_float64_on_the_same_inputs():
                for s in ((40, 17), (9, 17), (17,)))
     nbr = random_map(33, 40, 9, p_missing=0.4, seed=15).to(TRITON_DEVICE)
     out = gather_depthwise_conv(x, w, nbr, bias=b)
-    ref = gather_depthwise_reference(x.cpu().double(), w.cpu().double(), nbr.cpu(), b.cpu().double())
+    ref = gather_depthwise_torch(x.cpu().double(), w.cpu().double(), nbr.cpu(), b.cpu().double())
     assert out.dtype == torch.bfloat16
     assert rel_err(out.cpu(), ref) < 2e-2
 
@@ -350,24 +350,24 @@ def test_triton_conv_with_no_output_rows_gives_empty_output_and_zero_gradients()
 
 
 @needs_triton
-def test_triton_path_leaves_float64_to_the_reference():
+def test_triton_path_leaves_float64_to_plain_pytorch():
     nbr = random_map(n_out=12, n_in=10, K=4, p_missing=0.3, seed=16).to(TRITON_DEVICE)
     x = torch.randn(10, 3, dtype=torch.float64, device=TRITON_DEVICE)
     w = torch.randn(4, 3, 2, dtype=torch.float64, device=TRITON_DEVICE)
-    assert torch.equal(gather_conv(x, w, nbr), gather_conv_reference(x, w, nbr))
+    assert torch.equal(gather_conv(x, w, nbr), gather_conv_torch(x, w, nbr))
 
 
 @needs_triton
 @pytest.mark.parametrize("c,dtype,fill", [(3, torch.float32, 0.0), (300, torch.bfloat16, float("-inf")),
                                           (64, torch.float32, 1.5)])
-def test_triton_gather_rows_filled_matches_reference(c, dtype, fill):
-    from sparse_mim.kernels.triton_gather import gather_rows_filled, gather_rows_filled_reference
+def test_triton_gather_rows_filled_matches_plain_pytorch(c, dtype, fill):
+    from sparse_mim.kernels.triton_gather import gather_rows_filled, gather_rows_filled_torch
     gen = torch.Generator().manual_seed(c)
     src = torch.randn(37, c, generator=gen).to(dtype).to(TRITON_DEVICE)
     index = torch.randint(0, 38, (1000,), generator=gen).to(TRITON_DEVICE)  # 37 = the fill row
     index[:5] = 37
     out = gather_rows_filled(src, index, fill)
-    assert torch.equal(out, gather_rows_filled_reference(src, index, fill))
+    assert torch.equal(out, gather_rows_filled_torch(src, index, fill))
     assert (out[:5] == fill).all()
     assert gather_rows_filled(src, index[:0], fill).shape == (0, c)
 

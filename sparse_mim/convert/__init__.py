@@ -1,6 +1,6 @@
 """Weight conversion in three layers: `read` (the one reader) returns a checkpoint's weights and what
 is known about it; layout adapters (`layouts/`) rename an encoder from the layout it was written in
-(reference SparK, official ConvNeXt names, ConvNeXt V2 FCMAE, MinkowskiEngine) to timm's names; targets
+(official SparK, official ConvNeXt names, ConvNeXt V2 FCMAE, MinkowskiEngine) to timm's names; targets
 (`targets/`) take those dicts to timm, torchvision, Detectron2 or MinkowskiEngine's layout. Depends
 only on names and tensors, never on training code."""
 from sparse_mim.engine.minkowski_layout import dense_bias_to_me, dense_kernel_to_me, me_bias_to_dense, me_kernel_to_dense

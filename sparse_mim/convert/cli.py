@@ -1,6 +1,6 @@
 """`sparse-mim convert <checkpoint> --to timm|torchvision|detectron2|minkowski [--arch NAME] --out FILE`.
 
-The source's layout is detected: sparse-mim and reference-SparK checkpoints, timm/official ConvNeXt
+The source's layout is detected: sparse-mim and official-SparK checkpoints, timm/official ConvNeXt
 names, ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights (see `reader.py`).
 `--arch` defaults to the arch the checkpoint records; given, it must agree with it."""
 from __future__ import annotations
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparse-mim convert",
         description="Export the pretrained encoder of a sparse-mim checkpoint for fine-tuning. Sources may "
-        "also be reference-SparK or ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights "
+        "also be official-SparK or ConvNeXt V2 FCMAE checkpoints and MinkowskiEngine-layout weights "
         "(detected). --to minkowski writes MinkowskiEngine's layout (FCMAE's for ConvNeXt V2).",
     )
     parser.add_argument("checkpoint", help="pretraining checkpoint or encoder state_dict "

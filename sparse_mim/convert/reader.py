@@ -8,7 +8,7 @@ Accepted sources (a path to `.pth`/`.pt`/`.safetensors`, or the same content as 
   "step": ..., "config": ..., "arch": ...}`: the `encoder.*` weights are the encoder, the rest is
   reported as dropped;
 - an encoder-only state_dict with timm keys, bare or wrapped as `{"model": ...}` / `{"state_dict": ...}`;
-- a checkpoint of the reference SparK implementation: its whole pretraining model
+- a checkpoint of the official SparK implementation: its whole pretraining model
   (`sparse_encoder.sp_cnn.*` is the encoder) or an encoder state_dict. Its
   `<model>_withdecoder_1kpretrained_spark_style.pth` holds `SparK.state_dict(with_config=True)`: the
   model's tensors plus a `config` dict, read as metadata that must agree with the arch (4 feature
@@ -38,17 +38,17 @@ from .errors import ConversionError
 from .files import read_file
 from .layouts import to_timm_names
 from .layouts.fcmae import FCMAE_DECODER_GROUPS
-from .layouts.spark import HEAD_GROUPS, REFERENCE_ENCODER_PREFIX, config_arch, split_spark_config
+from .layouts.spark import HEAD_GROUPS, OFFICIAL_ENCODER_PREFIX, config_arch, split_spark_config
 
-__all__ = ["Checkpoint", "SPARSE_MIM", "REFERENCE_SPARK", "STATE_DICT", "read"]
+__all__ = ["Checkpoint", "SPARSE_MIM", "OFFICIAL_SPARK", "STATE_DICT", "read"]
 
 ENCODER_PREFIX = "encoder."
 #: What wrote the file (`Checkpoint.source`).
 SPARSE_MIM = "sparse-mim"            # one of our pretraining checkpoints ("format": PRETRAIN_FORMAT)
-REFERENCE_SPARK = "reference-spark"  # the reference SparK's model (its encoder prefix or config entry)
+OFFICIAL_SPARK = "official-spark"  # the official SparK's model (its encoder prefix or config entry)
 STATE_DICT = "state-dict"            # anything else: a state dict, bare or wrapped
 # Top-level entries that describe a checkpoint rather than hold weights: never reported as dropped.
-# (The reference SparK's checkpoints: {"args", "arch", "epoch", "performance_desc", "module", "optimizer",
+# (The official SparK's checkpoints: {"args", "arch", "epoch", "performance_desc", "module", "optimizer",
 #  "is_pretrain", "input_size"}.)
 _METADATA_KEYS = frozenset({"format", "arch", "epoch", "step", "config", "rng",
                             "args", "performance_desc", "is_pretrain", "input_size"})
@@ -68,9 +68,9 @@ class Checkpoint:
     dropped: dict[str, int]           # group -> tensors an encoder export leaves out (decoder, optimizer, ...)
     arch: Optional[str]               # the arch asked for, else the one the file records (None: unknown)
     layout: str                       # the encoder's layout in the file (`layouts.to_timm_names`)
-    source: str                       # SPARSE_MIM, REFERENCE_SPARK or STATE_DICT
+    source: str                       # SPARSE_MIM, OFFICIAL_SPARK or STATE_DICT
     method: Optional[str]             # "spark" or "fcmae" when the file holds a pretraining model around the encoder
-    spark_config: Optional[dict] = None  # the reference SparK's config entry, if any
+    spark_config: Optional[dict] = None  # the official SparK's config entry, if any
 
 
 def read(src: str | os.PathLike | Mapping, arch: str | None = None) -> Checkpoint:
@@ -106,8 +106,8 @@ def read(src: str | os.PathLike | Mapping, arch: str | None = None) -> Checkpoin
     layout, encoder = to_timm_names(encoder, arch)
     _drop_classifier(encoder, dropped)  # the official ConvNeXt's final norm becomes timm's head.norm
 
-    reference = encoder_prefix == REFERENCE_ENCODER_PREFIX or spark_config is not None
-    source = SPARSE_MIM if is_ours else REFERENCE_SPARK if reference else STATE_DICT
+    official = encoder_prefix == OFFICIAL_ENCODER_PREFIX or spark_config is not None
+    source = SPARSE_MIM if is_ours else OFFICIAL_SPARK if official else STATE_DICT
     return Checkpoint(encoder, weights, dict(dropped), arch, layout, source,
                       _method(raw, weights, source), spark_config)
 
@@ -119,7 +119,7 @@ def _method(raw: Mapping, weights: Mapping, source: str) -> str | None:
         config = raw.get("config")
         return config.get("method", "spark") if isinstance(config, Mapping) else "spark"
     groups = {k.split(".", 1)[0] for k in weights}
-    if source == REFERENCE_SPARK or groups & _SPARK_ONLY:
+    if source == OFFICIAL_SPARK or groups & _SPARK_ONLY:
         return "spark"
     if groups & _FCMAE_ONLY:
         return "fcmae"
@@ -183,10 +183,10 @@ def _select_encoder(
     weights: dict[str, torch.Tensor], dropped: Counter, *, is_pretraining: bool
 ) -> tuple[dict[str, torch.Tensor], str]:
     """(`encoder.*` with the prefix removed when present, that prefix), reporting the other groups
-    as dropped. A reference SparK model keeps its encoder under `sparse_encoder.sp_cnn.*` instead."""
+    as dropped. A official SparK model keeps its encoder under `sparse_encoder.sp_cnn.*` instead."""
     prefix = ENCODER_PREFIX
-    if not any(k.startswith(prefix) for k in weights) and any(k.startswith(REFERENCE_ENCODER_PREFIX) for k in weights):
-        prefix = REFERENCE_ENCODER_PREFIX
+    if not any(k.startswith(prefix) for k in weights) and any(k.startswith(OFFICIAL_ENCODER_PREFIX) for k in weights):
+        prefix = OFFICIAL_ENCODER_PREFIX
     if not any(k.startswith(prefix) for k in weights):
         if is_pretraining:
             raise ConversionError(

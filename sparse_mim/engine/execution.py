@@ -43,16 +43,15 @@ def auto_path(geom, depthwise: bool, tile_side: int, cuda: bool) -> str:
     """The measured choice (benchmarks/RESULTS.md); ``tile_side`` is 0 for non-patch managers."""
     square = geom.kernel[0] == geom.kernel[1]
     if cuda:
-        # H100 (bf16, batch 128): cuDNN on halo tiles beats the Triton kernel for ResNets' 3x3 convs
-        # on tiles of >= 4x4 sites; on 2x2 / 1x1 tiles (4-9x halo rows) the Triton kernel wins
-        # (ResNet-50 encoder 49.1 vs 52.6 ms), as it does for depthwise 7x7 (82.5 ms vs 84.5 canvas,
-        # 101 tiles) and for non-overlapping windows (ConvNeXt stem / downsampling).
+        # cuDNN on halo tiles wins for overlapping square convs on tiles of >= 4x4 sites; on 2x2 / 1x1
+        # tiles (a halo is several times the rows), for depthwise convs and for non-overlapping
+        # windows (ConvNeXt stem / downsampling) the Triton kernel wins (docs/notes.md, "GPU execution rules")
         overlapping = geom.kernel[0] > geom.stride or geom.pad_lo != (0, 0)
         big_tiles = tile_side >= 4
         return "tiles" if overlapping and big_tiles and square and not depthwise else "implicit_gemm"
-    # CPU (2 cores): halo tiles win while tiles are large (t >= 4, halo overhead <= 2.25x); on 2x2 /
-    # 1x1 tiles a kxk halo copies 4-49x the rows, so dense convs gather their neighbours into one
-    # GEMM and depthwise convs run on the (small) dense canvas instead.
+    # CPU: halo tiles win while tiles are large (t >= 4, little halo overhead); on 2x2 / 1x1 tiles a
+    # kxk halo copies many times the rows, so dense convs gather their neighbours into one GEMM and
+    # depthwise convs run on the (small) dense canvas instead (benchmarks/RESULTS.md)
     if tile_side >= 4 and square:
         return "tiles"
     return "canvas" if depthwise else "gather"

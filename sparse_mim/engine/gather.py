@@ -99,9 +99,9 @@ def gather_rows(src: torch.Tensor, index: torch.Tensor, fill: Optional[float] = 
 def _gather(src: torch.Tensor, index: torch.Tensor, fill: Optional[float]) -> torch.Tensor:
     if fill is None:
         return src.index_select(0, index)
-    from ..kernels.triton_gather import gather_rows_filled, gather_rows_filled_reference
+    from ..kernels.triton_gather import gather_rows_filled, gather_rows_filled_torch
     # CUDA gathers with a fill row run one Triton kernel instead of ``cat`` + ``index_select`` (which
     # copies the whole source once more); ``fused_fill_gather=False`` measures the difference
     if current_settings().fused_fill_gather:  # the kernel itself falls back to the reference off CUDA
         return gather_rows_filled(src, index, fill)
-    return gather_rows_filled_reference(src, index, fill)
+    return gather_rows_filled_torch(src, index, fill)

@@ -30,7 +30,7 @@ The depthwise kernels follow the same plan with elementwise products instead of 
 Dispatch: ``gather_conv`` / ``gather_depthwise_conv`` use these kernels when ``x`` is on CUDA (or
 when ``SPARSE_MIM_FORCE_TRITON=1``, which together with ``TRITON_INTERPRET=1`` runs them on the
 CPU for tests) and the dtype is float32, float16 or bfloat16; otherwise they call the PyTorch
-reference in ``reference.py``, which defines the semantics.
+plain-PyTorch version in ``torch_gather.py``, which defines the semantics.
 """
 from __future__ import annotations
 
@@ -41,12 +41,12 @@ import os
 import torch
 from torch.autograd.function import once_differentiable
 
-from .reference import check_gather_args, gather_conv_reference, gather_depthwise_reference
+from .torch_gather import check_gather_args, gather_conv_torch, gather_depthwise_torch
 
 try:
     import triton
     import triton.language as tl
-except ImportError:  # the reference path still works without Triton
+except ImportError:  # the plain-PyTorch path still works without Triton
     triton = None
     tl = None
 
@@ -240,7 +240,7 @@ def _row_split(n_rows: int, block_n: int, tiles: int, device: torch.device) -> t
 
 
 def _dot_args(dtype: torch.dtype, device: torch.device) -> dict:
-    # fp32 stays exact fp32 (no tf32) so that it matches the reference to ~1e-5; the precision
+    # fp32 stays exact fp32 (no tf32) so that it matches the plain-PyTorch version to ~1e-5; the precision
     # setting is ignored for fp16/bf16 operands. The Triton interpreter multiplies bfloat16 blocks
     # as raw integers, so there (and only there) bf16 operands are widened to fp32 before tl.dot.
     return dict(DOT_PRECISION="ieee", DOT_IN_FP32=device.type != "cuda" and dtype == torch.bfloat16)
@@ -463,7 +463,7 @@ def gather_conv(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
     check_gather_args(x, weight, nbr, depthwise=False)
     _check_bias(bias, weight.shape[2], x, op)
     if not _use_triton(x, op):
-        return gather_conv_reference(x, weight, nbr, bias)
+        return gather_conv_torch(x, weight, nbr, bias)
     nbr = _as_map(nbr, nbr.shape[0], nbr.shape[1], "nbr", op)
     if nbr_inv is not None:
         nbr_inv = _as_map(nbr_inv, x.shape[0], nbr.shape[1], "nbr_inv", op)
@@ -481,7 +481,7 @@ def gather_depthwise_conv(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tens
     check_gather_args(x, weight, nbr, depthwise=True)
     _check_bias(bias, weight.shape[1], x, op)
     if not _use_triton(x, op):
-        return gather_depthwise_reference(x, weight, nbr, bias)
+        return gather_depthwise_torch(x, weight, nbr, bias)
     nbr = _as_map(nbr, nbr.shape[0], nbr.shape[1], "nbr", op)
     if nbr_inv is not None:
         nbr_inv = _as_map(nbr_inv, x.shape[0], nbr.shape[1], "nbr_inv", op)

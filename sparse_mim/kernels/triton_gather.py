@@ -4,7 +4,7 @@
 Every halo tile, neighbourhood and canvas read of the engine is such a gather. In PyTorch it needs
 the fill row appended first (``torch.cat([src, fill_row])``), which copies all of ``src`` once more
 per layer; this kernel reads each needed row once and writes the fill value for the sentinel, so the
-gather costs only its output. The PyTorch form stays the reference and the CPU path.
+gather costs only its output. The PyTorch form defines the semantics and is the CPU path.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from .triton_conv import _use_triton, triton, tl
 
-__all__ = ["gather_rows_filled", "gather_rows_filled_reference"]
+__all__ = ["gather_rows_filled", "gather_rows_filled_torch"]
 
 if triton is not None:
 
@@ -31,7 +31,7 @@ if triton is not None:
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
-def gather_rows_filled_reference(src: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
+def gather_rows_filled_torch(src: torch.Tensor, index: torch.Tensor, fill: float) -> torch.Tensor:
     return torch.cat([src, src.new_full((1, src.shape[1]), fill)]).index_select(0, index)
 
 
@@ -39,13 +39,13 @@ def gather_rows_filled(src: torch.Tensor, index: torch.Tensor, fill: float) -> t
     """(len(index), C) rows of ``src`` (N, C); ``index == N`` reads a row of ``fill``.
 
     Indices must lie in [0, N]; the Triton kernel runs for CUDA tensors (or the interpreter, see
-    ``triton_conv``), the reference elsewhere.
+    ``triton_conv``), the PyTorch form elsewhere.
     """
     if src.dim() != 2 or index.dim() != 1:
         raise ValueError(f"gather_rows_filled: src must be (N, C) and index (M,), got {tuple(src.shape)} "
                          f"and {tuple(index.shape)}")
     if not _use_triton(src, "gather_rows_filled"):
-        return gather_rows_filled_reference(src, index, fill)
+        return gather_rows_filled_torch(src, index, fill)
     src = src.contiguous()
     index = index.contiguous()
     n_out, c = index.shape[0], src.shape[1]

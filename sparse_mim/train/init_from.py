@@ -2,9 +2,9 @@
 
 The file is read by the converter's one reader (``sparse_mim.convert.read``): any file ``sparse-mim convert``
 reads (timm state dicts, torchvision ResNets, which share timm's names, our exports and checkpoints,
-the reference SparK's files with official ConvNeXt names), checked key by key and shape by shape
+the official SparK's files with official ConvNeXt names), checked key by key and shape by shape
 against timm's model. Densify norms, mask tokens, densify projections and the
-decoder are loaded too when the file has them (our checkpoints, the reference SparK's
+decoder are loaded too when the file has them (our checkpoints, the official SparK's
 ``*_withdecoder_1kpretrained_spark_style.pth``), all or nothing; for an FCMAE run, its mask token,
 projection, decoder and prediction head (our FCMAE checkpoints, or the official ConvNeXt V2
 ``checkpoint-*.pth`` in MinkowskiEngine layout). Optimizer, step and schedule always
@@ -42,7 +42,7 @@ class InitReport:
     arch: str
     loaded: Dict[str, int] = field(default_factory=dict)  # group -> tensors loaded from the file
     fresh: List[str] = field(default_factory=list)        # groups initialised fresh
-    spark_config: Optional[dict] = None                   # the reference SparK's config entry, if any
+    spark_config: Optional[dict] = None                   # the official SparK's config entry, if any
 
     def lines(self) -> List[str]:
         loaded = ", ".join(f"{group} ({n} tensors)" for group, n in self.loaded.items())

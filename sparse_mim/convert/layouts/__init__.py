@@ -3,11 +3,11 @@ written in to timm's (the names every target takes). `reader.read` finds the enc
 checkpoint and hands it to `to_timm_names`, which picks the adapter by the keys:
 
 * ``"timm"``: our checkpoints and encoder exports, timm state dicts, torchvision ResNets (same names);
-* ``"convnext-official"``: the official ConvNeXt names of the reference SparK's ConvNeXts (`convnext`);
+* ``"convnext-official"``: the official ConvNeXt names of the official SparK's ConvNeXts (`convnext`);
 * ``"fcmae"``: ConvNeXt V2 FCMAE checkpoints, MinkowskiEngine kernels in the official names (`fcmae`);
 * ``"minkowski"``: timm names with MinkowskiEngine kernels, as ``--to minkowski`` writes (`minkowski`).
 
-`spark` holds the SparK checkpoint's names around the encoder (ours and the reference's).
+`spark` holds the SparK checkpoint's names around the encoder (ours and the official one's).
 """
 from __future__ import annotations
 

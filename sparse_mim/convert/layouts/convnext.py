@@ -1,5 +1,5 @@
 """The official ConvNeXt key names (facebookresearch/ConvNeXt: ``downsample_layers.*``,
-``stages.i.j.dwconv``, ...), which the reference SparK's ConvNeXts use -> timm's, through timm's own
+``stages.i.j.dwconv``, ...), which the official SparK's ConvNeXts use -> timm's, through timm's own
 ``checkpoint_filter_fn``. The official final norm becomes timm's ``head.norm``: part of the classifier,
 never of an encoder."""
 from __future__ import annotations

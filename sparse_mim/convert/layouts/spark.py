@@ -1,8 +1,8 @@
-"""SparK pretraining checkpoints, ours and the reference SparK's: where the encoder is, the reference's
+"""SparK pretraining checkpoints, ours and the official SparK's: where the encoder is, the official one's
 ``config`` entry, and the parts around the encoder (densify norms, mask tokens, densify projections,
 decoder) under sparse-mim's names.
 
-The reference SparK (keyu-tian/SparK, ``pretrain/spark.py``) names them like we do except for the
+The official SparK (keyu-tian/SparK, ``pretrain/spark.py``) names them like we do except for the
 decoder (``dense_decoder.dec.i.up_sample`` -> ``decoder.blocks.i.upsample``), keeps three unused
 buffers (``imn_m``, ``imn_s``, ``norm_black``), and its ``state_dict(with_config=True)`` holds a
 plain-dict ``config`` entry among the tensors, and its encoder under ``sparse_encoder.sp_cnn.``
@@ -20,18 +20,18 @@ from ..errors import ConversionError
 
 #: Our SparK's top-level module names around the encoder, in model order.
 HEAD_GROUPS = ("densify_norms", "mask_tokens", "densify_projs", "decoder")
-REFERENCE_UNUSED_BUFFERS = frozenset({"imn_m", "imn_s", "norm_black"})
-#: Where the reference SparK keeps its encoder (``SparK.sparse_encoder.sp_cnn``).
-REFERENCE_ENCODER_PREFIX = "sparse_encoder.sp_cnn."
-#: The reference SparK's ``state_dict(with_config=True)`` entry (mask_ratio, densify_norm_str, sbn,
+OFFICIAL_UNUSED_BUFFERS = frozenset({"imn_m", "imn_s", "norm_black"})
+#: Where the official SparK keeps its encoder (``SparK.sparse_encoder.sp_cnn``).
+OFFICIAL_ENCODER_PREFIX = "sparse_encoder.sp_cnn."
+#: The official SparK's ``state_dict(with_config=True)`` entry (mask_ratio, densify_norm_str, sbn,
 #: hierarchy, sparse_encoder.input_size, dense_decoder.width), read as metadata.
 CONFIG_KEY = "config"
 SPARK_HIERARCHY = 4  # feature maps of every encoder converted here (4 stages)
-_REFERENCE_DECODER = re.compile(r"^dense_decoder\.(?:dec\.(\d+)\.up_sample\.|dec\.(\d+)\.|proj\.)")
+_OFFICIAL_DECODER = re.compile(r"^dense_decoder\.(?:dec\.(\d+)\.up_sample\.|dec\.(\d+)\.|proj\.)")
 
 
 def split_spark_config(weights: Mapping) -> tuple[dict, dict | None]:
-    """``weights`` (a state dict, unwrapped) without the reference SparK's ``config`` entry, and that
+    """``weights`` (a state dict, unwrapped) without the official SparK's ``config`` entry, and that
     config (None if absent), checked against what can be converted: 4 feature maps."""
     config = weights.get(CONFIG_KEY)
     if not isinstance(config, Mapping):
@@ -45,13 +45,13 @@ def split_spark_config(weights: Mapping) -> tuple[dict, dict | None]:
 
 
 def config_arch(config: Mapping | None) -> str | None:
-    """The arch a reference SparK config names (``arch`` or ``model``), None if it names none."""
+    """The arch a official SparK config names (``arch`` or ``model``), None if it names none."""
     config = config or {}
     return next((config[k] for k in ("arch", "model") if isinstance(config.get(k), str)), None)
 
 
 def _our_name(key: str) -> str:
-    match = _REFERENCE_DECODER.match(key)
+    match = _OFFICIAL_DECODER.match(key)
     if match is None:
         return key
     rest = key[match.end():]
@@ -64,7 +64,7 @@ def _our_name(key: str) -> str:
 
 def spark_head_state_dict(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The densify / mask-token / decoder tensors of ``weights`` (a whole SparK state dict, ours or
-    the reference's) under our names; empty when ``weights`` holds an encoder only."""
+    the official one's) under our names; empty when ``weights`` holds an encoder only."""
     out: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
         name = _our_name(key)

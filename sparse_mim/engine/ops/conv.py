@@ -197,7 +197,7 @@ class _DepthwiseConvPlainWeightGrad(torch.autograd.Function):
     and input gradient as ``F.conv2d``'s. For channels_last input, oneDNN (v3.12 in torch 2.14, CPU)
     computes a depthwise weight gradient with its general grouped kernel in the padded
     ``aBCde16c16b`` weight format: every group's 1x1 channel pair padded to 16x16, a transient 256
-    times the weight gradient (36.75 MB for ConvNeXt-T's last stage, 768 x 7 x 7), then reordered to
+    times the weight gradient, then reordered to
     plain; the bias gradient alone runs that primitive too. From NCHW it runs a GEMM without it. The
     input gradient (oneDNN's depthwise kernel, no such transient) stays channels_last. Saves what
     ``F.conv2d`` saves (the input and the weight)."""
@@ -233,9 +233,8 @@ def _plain_weight_grad(dense: torch.Tensor, weight: torch.Tensor, geom: WindowGe
     """A channels_last depthwise convolution takes ``_DepthwiseConvPlainWeightGrad`` when oneDNN's padded
     weight gradient (``groups * 256 * kh * kw`` elements) exceeds ``plain_depthwise_weight_grad_ratio``
     (``EngineSettings``) times the input map: there the two copies are far smaller than that transient,
-    and the NCHW GEMM is also faster (measured, weight gradient alone, 2 threads: 8 x 768 x 7 x 7,
-    ratio 32, 30-37 ms against 39-42). Below, the padded kernel is the faster one (8 x 384 x 14 x 14,
-    ratio 8: 40-63 ms against 16-21; 32 x 768 x 7 x 7, ratio 8: 81 against 67 ms)."""
+    and the NCHW GEMM is also faster; below it, the padded kernel is the faster one (docs/notes.md,
+    "Where masked-dense memory went")."""
     ratio = current_settings().plain_depthwise_weight_grad_ratio
     if not ratio or dense.device.type != "cpu" or dense.dtype != torch.float32 or not torch.is_grad_enabled() \
             or torch.is_autocast_enabled("cpu") or not weight.requires_grad \

@@ -104,35 +104,51 @@ def _rows(x: SiteTensor):
 
 
 def batch_norm(x: SiteTensor, bn: nn.modules.batchnorm._BatchNorm, sync: bool = False) -> SiteTensor:
-    """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites."""
+    """BatchNorm ``bn`` (any torch BatchNorm module's parameters and buffers) over active sites, by
+    one of five routes: the backend's own op, fused rows (CPU training), torch's kernel on the rows,
+    masked-dense rows gathered for torch's kernel, or explicit moments (synced or affine-free)."""
     group = _sync_group(bn) if sync else None
     settings = current_settings()
     delegate = settings.backend_op("batch_norm") if isinstance(x, SparseTensor) else None
     if delegate is not None and (out := delegate(x, bn, group)) is not NotImplemented:
         return out
-    if group is None and bn.weight is not None and bn.bias is not None:
-        view = _rows(x)
-        f = view[0] if view else None
-        # masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters
-        # back; ``gather_masked_rows`` takes that path on the CPU as well
-        gather_masked = settings.gather_masked_rows
-        if view and bn.training and f.device.type == "cpu" and f.dtype in (torch.float32, torch.float64) \
-                and not gather_masked:
-            factor, _ = _momentum_and_mode(bn)
-            rows, index, back = view
-            out, mean, var, scale, shift = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
-            count = rows.shape[0] if index is None else index.shape[0]
-            _update_running(bn, mean, var, count, factor)
-            if index is None:  # the rows are an exact function of the saved input (see engine.recompute)
-                recompute.register(out, affine_rows, rows, scale, shift)
-            return back(out)
-        if isinstance(x, SparseTensor):
-            return x.replace(_native_rows(x.features, bn))
-        if view and (f.is_cuda or gather_masked):  # SparK's approach: BatchNorm1d on gathered rows
-            rows, index, back = view
-            active = _native_rows(gather_distinct_rows(rows, index), bn)
-            return back(scatter_rows(active, index, rows.shape[0]))
-    return _batch_norm_from_moments(x, bn, group)
+    if group is not None or bn.weight is None or bn.bias is None:
+        return _batch_norm_from_moments(x, bn, group)
+    view = _rows(x)
+    if view and _fused_rows_apply(view[0], bn, settings.gather_masked_rows):
+        return _fused_row_batch_norm(view, bn)
+    if isinstance(x, SparseTensor):
+        return x.replace(_native_rows(x.features, bn))
+    # masked-dense BatchNorm on CUDA gathers the active rows, runs the native kernel and scatters
+    # back (SparK's approach); ``gather_masked_rows`` takes that path on the CPU as well
+    if view and (view[0].is_cuda or settings.gather_masked_rows):
+        return _gathered_row_batch_norm(view, bn)
+    return _batch_norm_from_moments(x, bn, None)
+
+
+def _fused_rows_apply(rows: torch.Tensor, bn, gather_masked_rows: bool) -> bool:
+    """``_RowBatchNorm`` runs training-mode BatchNorm of float rows on the CPU (unless asked to gather)."""
+    return bn.training and rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) \
+        and not gather_masked_rows
+
+
+def _fused_row_batch_norm(view, bn) -> SiteTensor:
+    """Training BatchNorm as one autograd op on the rows, running statistics updated as torch does."""
+    factor, _ = _momentum_and_mode(bn)
+    rows, index, back = view
+    out, mean, var, scale, shift = _RowBatchNorm.apply(rows, bn.weight, bn.bias, bn.eps, index)
+    count = rows.shape[0] if index is None else index.shape[0]
+    _update_running(bn, mean, var, count, factor)
+    if index is None:  # the rows are an exact function of the saved input (see engine.recompute)
+        recompute.register(out, affine_rows, rows, scale, shift)
+    return back(out)
+
+
+def _gathered_row_batch_norm(view, bn) -> SiteTensor:
+    """torch's BatchNorm kernel on the distinct active rows of a masked-dense map, scattered back."""
+    rows, index, back = view
+    active = _native_rows(gather_distinct_rows(rows, index), bn)
+    return back(scatter_rows(active, index, rows.shape[0]))
 
 
 def _native_rows(rows: torch.Tensor, bn) -> torch.Tensor:
@@ -215,7 +231,7 @@ def layer_norm(x: SiteTensor, ln: nn.LayerNorm) -> SiteTensor:
         if delegate is not None and (out := delegate(x, ln)) is not NotImplemented:
             return out
         return x.replace(F.layer_norm(x.features, ln.normalized_shape, ln.weight, ln.bias, ln.eps))
-    # SparK's reference: LayerNorm of the gathered active rows, written back into zeros; only those
+    # the official SparK: LayerNorm of the gathered active rows, written back into zeros; only those
     # rows (and the index) are kept for backward, not the whole map.
     b, c, h, w = x.dense_features.shape
     rows = x.dense_features.permute(0, 2, 3, 1).reshape(-1, c)

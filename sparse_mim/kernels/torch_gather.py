@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gather_conv_reference", "gather_depthwise_reference", "check_gather_args"]
+__all__ = ["gather_conv_torch", "gather_depthwise_torch", "check_gather_args"]
 
 
 def check_gather_args(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor, depthwise: bool) -> None:
@@ -53,7 +53,7 @@ def _padded_rows(x: torch.Tensor, nbr: torch.Tensor) -> tuple[torch.Tensor, torc
     return x_pad, idx
 
 
-def gather_conv_reference(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
+def gather_conv_torch(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[o] = sum_k x[nbr[o, k]] @ weight[k] (+ bias); x (N_in, C_in), weight (K, C_in, C_out)."""
     check_gather_args(x, weight, nbr, depthwise=False)
@@ -66,7 +66,7 @@ def gather_conv_reference(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tens
     return out
 
 
-def gather_depthwise_reference(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
+def gather_depthwise_torch(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
                                bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[o, c] = sum_k x[nbr[o, k], c] * weight[k, c] (+ bias[c]); x (N_in, C), weight (K, C)."""
     check_gather_args(x, weight, nbr, depthwise=True)
