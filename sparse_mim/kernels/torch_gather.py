@@ -54,7 +54,7 @@ def _padded_rows(x: torch.Tensor, nbr: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def gather_conv_torch(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[o] = sum_k x[nbr[o, k]] @ weight[k] (+ bias); x (N_in, C_in), weight (K, C_in, C_out)."""
     check_gather_args(x, weight, nbr, depthwise=False)
     x_pad, idx = _padded_rows(x, nbr)
@@ -67,7 +67,7 @@ def gather_conv_torch(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
 
 
 def gather_depthwise_torch(x: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor,
-                               bias: torch.Tensor | None = None) -> torch.Tensor:
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
     """out[o, c] = sum_k x[nbr[o, k], c] * weight[k, c] (+ bias[c]); x (N_in, C), weight (K, C)."""
     check_gather_args(x, weight, nbr, depthwise=True)
     x_pad, idx = _padded_rows(x, nbr)
