@@ -36,7 +36,9 @@ def missing_settings(cfg: DictConfig, example: str) -> str:
 
 
 def raise_if(errors: Sequence[str], error: Type[Exception], title: str = "invalid config") -> None:
-    """Raise ``error`` naming the problem on one line, or listing several, one per line."""
+    """Raise ``error`` naming the problem on one line, or listing several, one per line; a problem two
+    checks found (the schema's choices and the engine's backend check) is listed once."""
+    errors = list(dict.fromkeys(errors))
     if len(errors) == 1:
         raise error(f"{title}: {errors[0]}")
     if errors:

@@ -64,6 +64,15 @@ def test_pretrain_and_bench_configs_reject_an_unknown_backend():
     assert resolve(compose_bench_config(["device=cpu"])).backends == ("native",)
 
 
+def test_an_unknown_backend_found_by_two_checks_is_reported_once():
+    """The schema's choices and the engine's backend check both refuse it: one line, not two."""
+    from sparse_mim.train.config import ConfigError, compose_config, validate_config
+
+    with pytest.raises(ConfigError) as e:
+        validate_config(compose_config(["backend=tpu"]))
+    assert str(e.value) == "invalid config: backend must be one of native, minkowski, got 'tpu'"
+
+
 def test_a_backend_computes_the_ops_in_its_table_and_our_engine_the_rest(monkeypatch):
     import torch
 
