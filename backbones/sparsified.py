@@ -21,7 +21,6 @@ from __future__ import annotations
 import warnings
 from typing import List, Optional, Sequence
 
-import torch
 import torch.nn as nn
 
 from sparse_mim.engine import SiteTensor, SparseLayerNorm, sparsify_layers

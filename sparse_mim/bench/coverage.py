@@ -389,7 +389,7 @@ def check(arch: Arch, img_size: Tuple[int, int] = (96, 96), batch: int = 2, mask
     ``img_size`` (height, width). 96 px by default: at 64 px a masked image keeps two sites at stride 32, and
     BatchNorm statistics over four values amplify rounding to ~1e-9; 3x3 patches keep errors near 1e-12."""
     from backbones import sparsify
-    from sparse_mim.engine import UnsupportedLayerError, SparseLayerNorm  # noqa: F401
+    from sparse_mim.engine import UnsupportedLayerError
     from sparse_mim.spark import random_patch_mask
 
     result = Check(arch.source, arch.family, arch.name, arch.hybrid)

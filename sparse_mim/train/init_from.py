@@ -106,11 +106,13 @@ def init_from(model: nn.Module, path: str | os.PathLike, arch: str) -> InitRepor
     if head:
         _check_head(head, model, path, spark_config)
 
-    # timm's keys are our encoder's (checked above against timm's model); load strictly anyway
-    model.encoder.load_state_dict(encoder, strict=True)
-    report = InitReport(path, arch, {"encoder": len(encoder)}, spark_config=spark_config)
+    # timm's keys are our encoder's (checked above against timm's model); load strictly anyway, the
+    # encoder alone or, with the file's head, the whole model in one go
     if head:
         model.load_state_dict({**{f"encoder.{k}": v for k, v in encoder.items()}, **head}, strict=True)
+    else:
+        model.encoder.load_state_dict(encoder, strict=True)
+    report = InitReport(path, arch, {"encoder": len(encoder)}, spark_config=spark_config)
     for group in _head_groups(model):
         n = sum(1 for k in head if _group_of(k) == group)
         if n:
