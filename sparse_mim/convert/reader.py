@@ -183,7 +183,7 @@ def _select_encoder(
     weights: dict[str, torch.Tensor], dropped: Counter, *, is_pretraining: bool
 ) -> tuple[dict[str, torch.Tensor], str]:
     """(`encoder.*` with the prefix removed when present, that prefix), reporting the other groups
-    as dropped. A official SparK model keeps its encoder under `sparse_encoder.sp_cnn.*` instead."""
+    as dropped. An official SparK model keeps its encoder under `sparse_encoder.sp_cnn.*` instead."""
     prefix = ENCODER_PREFIX
     if not any(k.startswith(prefix) for k in weights) and any(k.startswith(OFFICIAL_ENCODER_PREFIX) for k in weights):
         prefix = OFFICIAL_ENCODER_PREFIX

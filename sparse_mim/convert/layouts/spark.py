@@ -45,7 +45,7 @@ def split_spark_config(weights: Mapping) -> tuple[dict, dict | None]:
 
 
 def config_arch(config: Mapping | None) -> str | None:
-    """The arch a official SparK config names (``arch`` or ``model``), None if it names none."""
+    """The arch an official SparK config names (``arch`` or ``model``), None if it names none."""
     config = config or {}
     return next((config[k] for k in ("arch", "model") if isinstance(config.get(k), str)), None)
 
